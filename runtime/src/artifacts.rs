@@ -1,0 +1,130 @@
+//! Where the guest kernel and initramfs are found.
+//!
+//! Order: an explicit path (flag), then `HUSK_KERNEL` / `HUSK_INITRD`, then what the
+//! project's build produced next to the binary (`target/husk/` for `target/*/husk`), then
+//! the system install location `/usr/share/husk/`.
+
+use std::path::{Path, PathBuf};
+
+/// A guest artifact the VMM needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Artifact {
+    Kernel,
+    Initrd,
+}
+
+impl Artifact {
+    fn env_var(self) -> &'static str {
+        match self {
+            Artifact::Kernel => "HUSK_KERNEL",
+            Artifact::Initrd => "HUSK_INITRD",
+        }
+    }
+
+    fn file_name(self) -> &'static str {
+        match self {
+            Artifact::Kernel => "vmlinux",
+            Artifact::Initrd => "initramfs.cpio",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Artifact::Kernel => "guest kernel",
+            Artifact::Initrd => "guest initramfs",
+        }
+    }
+}
+
+/// Errors locating guest artifacts.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum ArtifactError {
+    /// {what} not found (looked in: {looked}); build it with `scripts/setup.sh`, or pass its path with --kernel/--initrd or {env}
+    NotFound {
+        what: &'static str,
+        looked: String,
+        env: &'static str,
+    },
+    /// {what} {path} does not exist; fix the path given with the flag or {env}
+    Missing {
+        what: &'static str,
+        path: PathBuf,
+        env: &'static str,
+    },
+}
+
+/// The directory the project's build writes artifacts to, relative to a binary in
+/// `target/<profile>/`.
+pub fn build_output_dir(exe: &Path) -> Option<PathBuf> {
+    Some(exe.parent()?.parent()?.join("husk"))
+}
+
+/// Finds `artifact`, honouring an explicit path first.
+pub fn locate(artifact: Artifact, explicit: Option<&Path>) -> Result<PathBuf, ArtifactError> {
+    let env = std::env::var_os(artifact.env_var()).map(PathBuf::from);
+    let exe = std::env::current_exe().ok();
+    locate_in(artifact, explicit, env.as_deref(), exe.as_deref())
+}
+
+fn locate_in(
+    artifact: Artifact,
+    explicit: Option<&Path>,
+    env: Option<&Path>,
+    exe: Option<&Path>,
+) -> Result<PathBuf, ArtifactError> {
+    if let Some(path) = explicit.or(env) {
+        return if path.exists() {
+            Ok(path.to_path_buf())
+        } else {
+            Err(ArtifactError::Missing {
+                what: artifact.what(),
+                path: path.to_path_buf(),
+                env: artifact.env_var(),
+            })
+        };
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = exe.and_then(build_output_dir) {
+        candidates.push(dir.join(artifact.file_name()));
+    }
+    candidates.push(Path::new("/usr/share/husk").join(artifact.file_name()));
+    if let Some(found) = candidates.iter().find(|p| p.exists()) {
+        return Ok(found.clone());
+    }
+    Err(ArtifactError::NotFound {
+        what: artifact.what(),
+        looked: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        env: artifact.env_var(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_path_wins_and_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k");
+        std::fs::write(&k, b"x").unwrap();
+        let found = locate_in(Artifact::Kernel, Some(&k), Some(Path::new("/nope")), None);
+        assert_eq!(found.unwrap(), k);
+        let err = locate_in(Artifact::Kernel, Some(Path::new("/nope/vmlinux")), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nope/vmlinux") && err.contains("HUSK_KERNEL"), "{err}");
+    }
+
+    #[test]
+    fn falls_back_to_build_output_next_to_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("target/debug/husk");
+        let out = dir.path().join("target/husk");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("initramfs.cpio"), b"x").unwrap();
+        let found = locate_in(Artifact::Initrd, None, None, Some(&exe)).unwrap();
+        assert_eq!(found, out.join("initramfs.cpio"));
+        let err = locate_in(Artifact::Kernel, None, None, Some(&exe)).unwrap_err().to_string();
+        assert!(err.contains("scripts/setup.sh"), "{err}");
+    }
+}

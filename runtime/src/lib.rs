@@ -1,0 +1,7 @@
+//! husk: OCI containers in KVM microVMs.
+//!
+//! The library does the work; `src/main.rs` and `src/cli/` are a thin command line over it.
+
+pub mod artifacts;
+pub mod host;
+pub mod vmm;

@@ -1,0 +1,7 @@
+//! The `husk` command line. Each subcommand lives in its own file under `cli/`.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}
