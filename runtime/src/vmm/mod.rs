@@ -1,1 +1,3 @@
 //! The virtual machine monitor: one KVM microVM per sandbox.
+
+pub mod devices;

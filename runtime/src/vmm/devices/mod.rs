@@ -1,0 +1,5 @@
+//! Emulated devices and the buses that route guest port and MMIO accesses to them.
+
+pub mod bus;
+
+pub use bus::{Bus, BusDevice, BusError};
