@@ -1,6 +1,27 @@
 //! The contract between the husk host side and `husk-agent` in the guest.
 //!
 //! Both sides depend on this crate, so a constant or message changed here changes on both.
+//!
+//! - [`boot`]: how the guest signals it has booted.
+//! - [`messages`]: the requests and responses on the control port, and [`PROTOCOL_VERSION`].
+//! - [`error`]: the typed errors the agent returns to the host.
+//! - [`framing`]: `u32` big-endian length + JSON frames over any `Read + Write`.
+//! - [`handshake`]: the `Hello` exchange that turns a version mismatch into a clear error.
+//! - [`client`]: the host side: [`client::AgentClient`] and the [`connector::Connector`]s
+//!   that reach the agent's ports (Unix directory for tier 2, hybrid vsock for real VMs).
+
+pub mod client;
+pub mod connector;
+pub mod error;
+pub mod framing;
+pub mod handshake;
+pub mod messages;
+
+pub use error::AgentError;
+pub use messages::{ExitStatus, Request, Response, StdioPorts, PROTOCOL_VERSION};
+
+/// The vsock port the agent's control server listens on.
+pub const CONTROL_PORT: u32 = 1024;
 
 /// How the guest tells the VMM it has finished booting.
 ///

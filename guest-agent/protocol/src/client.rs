@@ -1,0 +1,258 @@
+//! The host's side of the control protocol.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use oci_spec::runtime::{Process, Spec};
+
+use crate::connector::{ConnectError, Connector};
+use crate::error::AgentError;
+use crate::framing::{read_frame, write_frame, FrameError};
+use crate::handshake::{client_hello, HandshakeError};
+use crate::messages::{
+    ExitStatus, ProcessRef, Request, Response, StdioPorts, StdioRequest, PROTOCOL_VERSION,
+};
+use crate::CONTROL_PORT;
+
+/// Errors of one call to the agent.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum ClientError {
+    /// cannot reach the agent: {0}
+    Connect(#[from] ConnectError),
+    /// handshake with the agent failed: {0}
+    Handshake(#[from] HandshakeError),
+    /// talking to the agent failed (did it crash? see the guest console): {0}
+    Frame(#[from] FrameError),
+    /// the agent answered: {0}
+    Agent(#[source] AgentError),
+    /// the agent answered {request} with an unexpected {response}
+    UnexpectedResponse {
+        request: &'static str,
+        response: String,
+    },
+}
+
+/// A process the agent spawned: its pid in the agent's pid namespace and its stream ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spawned {
+    pub pid: i32,
+    pub stdio: StdioPorts,
+}
+
+/// One control connection: requests are answered in order. Open more clients for
+/// concurrent blocking calls such as [`AgentClient::wait_process`].
+pub struct AgentClient<S = UnixStream> {
+    stream: S,
+}
+
+impl AgentClient<UnixStream> {
+    /// Connects to the control port and does the `Hello` exchange.
+    pub fn connect(connector: &dyn Connector) -> Result<Self, ClientError> {
+        let stream = connector.connect(CONTROL_PORT)?;
+        Self::handshake(stream)
+    }
+}
+
+impl<S: Read + Write> AgentClient<S> {
+    /// Does the `Hello` exchange on an already open stream.
+    pub fn handshake(mut stream: S) -> Result<Self, ClientError> {
+        client_hello(&mut stream, PROTOCOL_VERSION)?;
+        Ok(Self { stream })
+    }
+
+    /// Sends one request and returns the agent's response; `Response::Error` becomes
+    /// [`ClientError::Agent`].
+    pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
+        write_frame(&mut self.stream, request)?;
+        match read_frame(&mut self.stream)? {
+            Response::Error { error } => Err(ClientError::Agent(error)),
+            response => Ok(response),
+        }
+    }
+
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        let request = Request::Ping;
+        match self.call(&request)? {
+            Response::Pong => Ok(()),
+            other => Err(unexpected(&request, other)),
+        }
+    }
+
+    pub fn create_container(
+        &mut self,
+        id: &str,
+        spec: Spec,
+        rootfs: impl Into<PathBuf>,
+        stdio: StdioRequest,
+    ) -> Result<Spawned, ClientError> {
+        let request = Request::CreateContainer {
+            id: id.to_owned(),
+            spec: Box::new(spec),
+            rootfs: rootfs.into(),
+            stdio,
+        };
+        self.expect_spawned(&request)
+    }
+
+    pub fn start_container(&mut self, id: &str) -> Result<(), ClientError> {
+        self.expect_done(&Request::StartContainer { id: id.to_owned() })
+    }
+
+    pub fn exec_process(
+        &mut self,
+        container_id: &str,
+        exec_id: &str,
+        process: Process,
+        stdio: StdioRequest,
+    ) -> Result<Spawned, ClientError> {
+        let request = Request::ExecProcess {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            process: Box::new(process),
+            stdio,
+        };
+        self.expect_spawned(&request)
+    }
+
+    pub fn signal_process(&mut self, process: ProcessRef, signal: i32) -> Result<(), ClientError> {
+        self.expect_done(&Request::SignalProcess { process, signal })
+    }
+
+    pub fn wait_process(&mut self, process: ProcessRef) -> Result<ExitStatus, ClientError> {
+        let request = Request::WaitProcess { process };
+        match self.call(&request)? {
+            Response::Exited { status } => Ok(status),
+            other => Err(unexpected(&request, other)),
+        }
+    }
+
+    pub fn resize_pty(
+        &mut self,
+        process: ProcessRef,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), ClientError> {
+        self.expect_done(&Request::ResizePty {
+            process,
+            rows,
+            cols,
+        })
+    }
+
+    pub fn stats(&mut self, container_id: &str) -> Result<serde_json::Value, ClientError> {
+        let request = Request::Stats {
+            container_id: container_id.to_owned(),
+        };
+        match self.call(&request)? {
+            Response::Stats { stats } => Ok(stats),
+            other => Err(unexpected(&request, other)),
+        }
+    }
+
+    pub fn delete_container(&mut self, id: &str, force: bool) -> Result<(), ClientError> {
+        self.expect_done(&Request::DeleteContainer {
+            id: id.to_owned(),
+            force,
+        })
+    }
+
+    /// Asks the agent to kill everything and power off. The connection may close before
+    /// the answer arrives, which counts as success.
+    pub fn shutdown(&mut self) -> Result<(), ClientError> {
+        match self.expect_done(&Request::Shutdown) {
+            Err(ClientError::Frame(FrameError::Closed)) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn expect_done(&mut self, request: &Request) -> Result<(), ClientError> {
+        match self.call(request)? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(request, other)),
+        }
+    }
+
+    fn expect_spawned(&mut self, request: &Request) -> Result<Spawned, ClientError> {
+        match self.call(request)? {
+            Response::Spawned { pid, stdio } => Ok(Spawned { pid, stdio }),
+            other => Err(unexpected(request, other)),
+        }
+    }
+}
+
+fn unexpected(request: &Request, response: Response) -> ClientError {
+    ClientError::UnexpectedResponse {
+        request: request.name(),
+        response: format!("{response:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::thread;
+
+    use super::*;
+    use crate::handshake::server_hello;
+
+    /// A scripted agent: answers the handshake, then each request with the next response.
+    fn scripted_agent(responses: Vec<Response>) -> (UnixStream, thread::JoinHandle<Vec<Request>>) {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let handle = thread::spawn(move || {
+            server_hello(&mut agent, PROTOCOL_VERSION).unwrap();
+            let mut seen = Vec::new();
+            for response in responses {
+                seen.push(read_frame(&mut agent).unwrap());
+                write_frame(&mut agent, &response).unwrap();
+            }
+            seen
+        });
+        (host, handle)
+    }
+
+    #[test]
+    fn typed_calls_map_responses_and_errors() {
+        let not_found = AgentError::ContainerNotFound { id: "ghost".into() };
+        let (stream, agent) = scripted_agent(vec![
+            Response::Exited {
+                status: ExitStatus::Signaled(9),
+            },
+            Response::Error {
+                error: not_found.clone(),
+            },
+            Response::Pong,
+        ]);
+        let mut client = AgentClient::handshake(stream).unwrap();
+        let init = ProcessRef {
+            container_id: "c".into(),
+            exec_id: None,
+        };
+        assert_eq!(
+            client.wait_process(init.clone()).unwrap(),
+            ExitStatus::Signaled(9)
+        );
+        match client.start_container("ghost") {
+            Err(ClientError::Agent(e)) => assert_eq!(e, not_found),
+            other => panic!("expected the agent's error, got {other:?}"),
+        }
+        // A reply of the wrong kind is an error, not a silent success.
+        assert!(matches!(
+            client.start_container("c"),
+            Err(ClientError::UnexpectedResponse {
+                request: "start_container",
+                ..
+            })
+        ));
+        let seen = agent.join().unwrap();
+        assert_eq!(seen[0], Request::WaitProcess { process: init });
+        assert_eq!(seen[1], Request::StartContainer { id: "ghost".into() });
+    }
+
+    #[test]
+    fn agent_vanishing_mid_call_is_an_error_not_a_hang() {
+        let (stream, agent) = scripted_agent(vec![]);
+        let mut client = AgentClient::handshake(stream).unwrap();
+        agent.join().unwrap();
+        assert!(matches!(client.ping(), Err(ClientError::Frame(_))));
+    }
+}
