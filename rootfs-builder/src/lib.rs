@@ -1,0 +1,11 @@
+//! husk-rootfs: the guest initramfs, demo/test OCI bundles and OCI image tarballs.
+//!
+//! Every output is made from a [`tree::Tree`], an in-memory description of a root
+//! filesystem, so the three formats stay consistent and deterministic.
+
+pub mod bundle;
+pub mod busybox;
+pub mod elf;
+pub mod image;
+pub mod initramfs;
+pub mod tree;
