@@ -41,8 +41,9 @@ fn write_err(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
 
 /// Writes a bundle at `out` whose process runs `args` (`["sh"]` when empty).
 pub fn build(out: &Path, args: &[String], busybox: &Path, force: bool) -> Result<(), BundleError> {
-    prepare_out_dir(out, force)?;
+    // Describe the rootfs first: a missing busybox must not leave an empty bundle behind.
     let tree = busybox::rootfs(busybox)?;
+    prepare_out_dir(out, force)?;
     write_tree(&tree, &out.join(ROOTFS_DIR))?;
     let config = out.join("config.json");
     let json = serde_json::to_vec_pretty(&spec(args)?).map_err(io::Error::from);

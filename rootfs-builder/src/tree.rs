@@ -186,7 +186,12 @@ impl Tree {
                 source,
             })?;
             let rel = entry.path().strip_prefix(src).unwrap_or(entry.path());
-            let target = dest.join(rel);
+            // `join("")` would add a trailing slash, which archives keep in the name.
+            let target = if rel.as_os_str().is_empty() {
+                dest.clone()
+            } else {
+                dest.join(rel)
+            };
             if target.as_os_str().is_empty() {
                 if !entry.file_type().is_dir() {
                     return Err(TreeError::BadGuestPath {
@@ -343,6 +348,20 @@ mod tests {
         let node = tree.get("/etc/hostname").unwrap();
         assert_eq!(node.mode, 0o600);
         assert_eq!(node.kind, Kind::File(Content::Bytes(b"b".to_vec())));
+    }
+
+    #[test]
+    fn a_single_host_file_keeps_its_exact_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let mut tree = Tree::new();
+        tree.add_host_path(&file, "/etc/single").unwrap();
+        let names: Vec<_> = tree
+            .iter()
+            .map(|(p, _)| p.to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(names, ["etc", "etc/single"]);
     }
 
     #[test]
