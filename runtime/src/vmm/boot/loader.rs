@@ -1,0 +1,237 @@
+//! Loading Linux: the ELF `vmlinux` (64-bit entry), the initramfs below the top of low
+//! RAM, the command line, and the zero page (`boot_params`) with the e820 map.
+
+use std::fs::File;
+use std::path::Path;
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::elf::Elf;
+use linux_loader::loader::{load_cmdline, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::vmm::memory::{
+    low_ram_end, ram_ranges, CMDLINE_START, EBDA_START, HIMEM_START, ZERO_PAGE_START,
+};
+
+/// Errors loading the guest kernel and its inputs.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum LoaderError {
+    /// cannot open kernel {path}: {source}; pass an existing ELF vmlinux with --kernel or HUSK_KERNEL
+    OpenKernel {
+        path: String,
+        source: std::io::Error,
+    },
+    /// kernel {path} is not a loadable ELF vmlinux ({source}); pass the uncompressed vmlinux from the kernel build, not a bzImage
+    NotElf {
+        path: String,
+        source: linux_loader::loader::Error,
+    },
+    /// cannot read initramfs {path}: {source}
+    ReadInitrd {
+        path: String,
+        source: std::io::Error,
+    },
+    /// guest memory of {mem_mib} MiB is too small for the kernel (ends at {kernel_end:#x}) and the {initrd_len}-byte initramfs; raise --mem-mib
+    TooLittleMemory {
+        mem_mib: u64,
+        kernel_end: u64,
+        initrd_len: u64,
+    },
+    /// writing the initramfs into guest memory failed: {0}
+    WriteInitrd(vm_memory::GuestMemoryError),
+    /// writing the command line failed: {0}
+    WriteCmdline(linux_loader::loader::Error),
+    /// writing boot_params failed: {0}
+    WriteBootParams(linux_loader::configurator::Error),
+}
+
+/// Where the kernel landed and where the initramfs went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedKernel {
+    /// The 64-bit entry point (`startup_64`).
+    pub entry: u64,
+    /// First byte after the kernel image.
+    pub kernel_end: u64,
+    /// The initramfs, if any: (guest address, length).
+    pub initrd: Option<(u64, u64)>,
+}
+
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
+const E820_RAM: u32 = 1;
+const PAGE_SIZE: u64 = 0x1000;
+
+/// Loads the ELF kernel at its physical addresses (at or above 1 MiB).
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64), LoaderError> {
+    let shown = path.display().to_string();
+    let mut file = File::open(path).map_err(|source| LoaderError::OpenKernel {
+        path: shown.clone(),
+        source,
+    })?;
+    let loaded =
+        Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+            LoaderError::NotElf {
+                path: shown,
+                source,
+            }
+        })?;
+    Ok((loaded.kernel_load.0, loaded.kernel_end))
+}
+
+/// The initramfs goes as high as it can in low RAM, page aligned, above the kernel.
+pub fn initrd_address(mem_size: u64, kernel_end: u64, initrd_len: u64) -> Option<u64> {
+    let top = low_ram_end(mem_size);
+    let addr = top.checked_sub(initrd_len)? & !(PAGE_SIZE - 1);
+    (addr >= kernel_end).then_some(addr)
+}
+
+/// Copies the initramfs into guest memory.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<(u64, u64), LoaderError> {
+    let data = std::fs::read(path).map_err(|source| LoaderError::ReadInitrd {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mem_size = mem.last_addr().0 + 1;
+    let len = data.len() as u64;
+    let addr = initrd_address(mem_size, kernel_end, len).ok_or(LoaderError::TooLittleMemory {
+        mem_mib: mem_size >> 20,
+        kernel_end,
+        initrd_len: len,
+    })?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(LoaderError::WriteInitrd)?;
+    Ok((addr, len))
+}
+
+/// The e820 map: low RAM up to the EBDA, then RAM from 1 MiB on (split around the hole).
+pub fn e820_entries(mem_size: u64) -> Vec<boot_e820_entry> {
+    let mut entries = vec![boot_e820_entry {
+        addr: 0,
+        size: EBDA_START,
+        r#type: E820_RAM,
+    }];
+    for range in ram_ranges(mem_size) {
+        let start = range.start.max(HIMEM_START);
+        if range.end() > start {
+            entries.push(boot_e820_entry {
+                addr: start,
+                size: range.end() - start,
+                r#type: E820_RAM,
+            });
+        }
+    }
+    entries
+}
+
+/// The zero page for a kernel with command line `cmdline_len` bytes long.
+pub fn build_boot_params(
+    mem_size: u64,
+    cmdline_len: usize,
+    initrd: Option<(u64, u64)>,
+) -> boot_params {
+    let mut params = boot_params::default();
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    if let Some((addr, len)) = initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = len as u32;
+    }
+    let entries = e820_entries(mem_size);
+    params.e820_entries = entries.len() as u8;
+    params.e820_table[..entries.len()].copy_from_slice(&entries);
+    params
+}
+
+/// Writes the command line and the zero page.
+pub fn write_boot_params(
+    mem: &GuestMemoryMmap,
+    cmdline: &Cmdline,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), LoaderError> {
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(LoaderError::WriteCmdline)?;
+    let len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .unwrap_or(0);
+    let params = build_boot_params(mem.last_addr().0 + 1, len, initrd);
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+        &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
+        mem,
+    )
+    .map_err(LoaderError::WriteBootParams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::memory::MMIO_HOLE_START;
+
+    #[test]
+    fn e820_skips_the_isa_hole_and_the_mmio_hole() {
+        let small = e820_entries(128 << 20);
+        let got: Vec<(u64, u64)> = small.iter().map(|e| (e.addr, e.size)).collect();
+        assert_eq!(
+            got,
+            vec![(0, EBDA_START), (HIMEM_START, (128 << 20) - HIMEM_START)]
+        );
+        let big = e820_entries(4 << 30);
+        assert_eq!(big.len(), 3);
+        assert_eq!({ big[1].addr } + { big[1].size }, MMIO_HOLE_START);
+        assert_eq!({ big[2].addr }, 1 << 32);
+        assert!(big.iter().all(|e| { e.r#type } == E820_RAM));
+    }
+
+    #[test]
+    fn boot_params_point_at_cmdline_initrd_and_carry_the_magic() {
+        let p = build_boot_params(128 << 20, 42, Some((0x700_0000, 0x1234)));
+        assert_eq!({ p.hdr.boot_flag }, 0xaa55);
+        assert_eq!({ p.hdr.header }, 0x5372_6448);
+        assert_eq!({ p.hdr.cmd_line_ptr } as u64, CMDLINE_START);
+        assert_eq!({ p.hdr.cmdline_size }, 42);
+        assert_eq!(
+            ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
+            (0x700_0000, 0x1234)
+        );
+        assert_eq!(p.e820_entries, 2);
+    }
+
+    #[test]
+    fn initrd_goes_page_aligned_to_the_top_of_low_ram() {
+        assert_eq!(
+            initrd_address(128 << 20, 0x200_0000, 0x1800),
+            Some((128 << 20) - 0x2000)
+        );
+        assert_eq!(initrd_address(32 << 20, 0x1f0_0000, 0x20_0000), None);
+        assert_eq!(initrd_address(1 << 20, 0, 2 << 20), None);
+    }
+
+    #[test]
+    fn non_elf_kernel_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let bogus = dir.path().join("bzImage");
+        std::fs::write(&bogus, vec![0x4d_u8; 4096]).unwrap();
+        let mem = crate::vmm::memory::create_guest_memory(16).unwrap();
+        let err = load_kernel(&mem, &bogus).unwrap_err().to_string();
+        assert!(
+            err.contains("not a loadable ELF vmlinux") && err.contains("bzImage"),
+            "{err}"
+        );
+        let err = load_kernel(&mem, &dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--kernel"), "{err}");
+    }
+}

@@ -1,0 +1,352 @@
+//! Turning a [`VmConfig`] into a running [`Vm`], one small step at a time:
+//! KVM and the VM, guest memory, legacy devices, virtio-mmio devices (added by the caller
+//! through [`VmBuilder::add_mmio_device`]), then the boot source and the vCPUs.
+
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::boot::{self, cmdline, cpuid, msrs, regs, BootEntry, BootError};
+use super::config::{BootSource, VmConfig};
+use super::devices::boot_timer::{BootTimer, ReadyTime, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
+use super::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
+use super::devices::serial::{SerialDevice, COM1_IRQ, COM1_LEN, COM1_PORT};
+use super::devices::trigger::EventFdTrigger;
+use super::devices::{Bus, BusError, SharedDevice};
+use super::kvm::{self, KvmError};
+use super::memory::{self, MemoryError, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use super::vcpu::{Vcpu, VcpuError};
+use super::vm::{Vm, VmParts};
+use crate::host::HostMode;
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum BuildError {
+    /// {0}
+    Kvm(#[from] KvmError),
+    /// {0}
+    Memory(#[from] MemoryError),
+    /// {0}
+    Boot(#[from] BootError),
+    /// {0}
+    Cpuid(#[from] cpuid::CpuidError),
+    /// {0}
+    Msrs(#[from] msrs::MsrError),
+    /// {0}
+    Vcpu(#[from] VcpuError),
+    /// vCPU {index}: {source}
+    VcpuRegs { index: u8, source: regs::RegsError },
+    /// a VM needs between 1 and {max} vCPUs, not {given}; fix --vcpus
+    VcpuCount { given: u8, max: u8 },
+    /// placing a device on the bus failed: {0}
+    Bus(#[from] BusError),
+    /// creating an eventfd failed: {0}
+    EventFd(std::io::Error),
+    /// opening the console output failed: {0}
+    Console(std::io::Error),
+    /// registering {what} with KVM failed: {source}
+    Register {
+        what: String,
+        source: kvm_ioctls::Error,
+    },
+    /// no interrupt left for another virtio-mmio device (IRQs 5-23 are taken)
+    OutOfIrqs,
+}
+
+/// virtio-mmio devices get IOAPIC pins from 5 up (0-4 are the PIT, keyboard, cascade,
+/// COM2 and COM1).
+pub const FIRST_VIRTIO_IRQ: u32 = 5;
+pub const LAST_VIRTIO_IRQ: u32 = 23;
+/// The queue-notify register of the virtio-mmio transport (offset from its base).
+pub const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
+
+/// Where a virtio-mmio device was placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u32,
+}
+
+/// The n-th virtio-mmio slot.
+pub fn mmio_slot(n: u32) -> Result<MmioSlot, BuildError> {
+    let irq = FIRST_VIRTIO_IRQ + n;
+    if irq > LAST_VIRTIO_IRQ {
+        return Err(BuildError::OutOfIrqs);
+    }
+    Ok(MmioSlot {
+        base: VIRTIO_MMIO_START + u64::from(n) * VIRTIO_MMIO_SIZE,
+        size: VIRTIO_MMIO_SIZE,
+        irq,
+    })
+}
+
+/// Legacy devices' handles the running VM keeps.
+pub(super) struct LegacyDevices {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub reset_evt: EventFd,
+    pub ready_evt: EventFd,
+    pub ready_time: ReadyTime,
+}
+
+/// A VM being assembled. Devices can be added until [`VmBuilder::start`].
+pub struct VmBuilder {
+    start: Instant,
+    vcpus: u8,
+    boot: BootSource,
+    host_mode: HostMode,
+    console_input: bool,
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    pio: Bus,
+    mmio: Bus,
+    legacy: LegacyDevices,
+    mmio_slots: Vec<MmioSlot>,
+}
+
+fn eventfd() -> Result<EventFd, BuildError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)
+}
+
+impl VmBuilder {
+    /// Creates the VM, its memory and the legacy devices. Time to ready counts from here.
+    pub fn new(config: VmConfig) -> Result<Self, BuildError> {
+        let start = Instant::now();
+        if config.vcpus == 0 || config.vcpus > boot::mptable::MAX_VCPUS {
+            return Err(BuildError::VcpuCount {
+                given: config.vcpus,
+                max: boot::mptable::MAX_VCPUS,
+            });
+        }
+        let kvm = kvm::open_kvm(config.vcpus)?;
+        let vm = kvm::create_vm(&kvm)?;
+        let mem = memory::create_guest_memory(config.mem_mib)?;
+        kvm::register_memory(&vm, &mem)?;
+        let mut pio = Bus::new();
+        let legacy = add_legacy_devices(&vm, &mut pio, config.console, start)?;
+        Ok(Self {
+            start,
+            vcpus: config.vcpus,
+            boot: config.boot,
+            host_mode: config.host_mode,
+            console_input: config.console_input,
+            kvm,
+            vm,
+            mem,
+            pio,
+            mmio: Bus::new(),
+            legacy,
+            mmio_slots: Vec::new(),
+        })
+    }
+
+    /// Guest memory, for devices that need it (virtio queues live there).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The VM fd, for devices that register more eventfds themselves.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Places a virtio-mmio transport in the next 4 KiB slot: `interrupt` becomes an
+    /// irqfd on the slot's IRQ, `queue_notify[i]` an ioeventfd on the QueueNotify
+    /// register matching the value `i`, and the kernel command line gets
+    /// `virtio_mmio.device=4K@base:irq`.
+    pub fn add_mmio_device(
+        &mut self,
+        device: SharedDevice,
+        interrupt: &EventFd,
+        queue_notify: &[EventFd],
+    ) -> Result<MmioSlot, BuildError> {
+        let slot = mmio_slot(self.mmio_slots.len() as u32)?;
+        self.vm
+            .register_irqfd(interrupt, slot.irq)
+            .map_err(|source| BuildError::Register {
+                what: format!("irqfd for IRQ {}", slot.irq),
+                source,
+            })?;
+        let notify_addr = IoEventAddress::Mmio(slot.base + VIRTIO_MMIO_QUEUE_NOTIFY);
+        for (queue, evt) in queue_notify.iter().enumerate() {
+            self.vm
+                .register_ioevent(evt, &notify_addr, queue as u32)
+                .map_err(|source| BuildError::Register {
+                    what: format!("ioeventfd for queue {queue}"),
+                    source,
+                })?;
+        }
+        self.mmio.insert(device, slot.base, slot.size)?;
+        self.mmio_slots.push(slot);
+        Ok(slot)
+    }
+
+    /// The kernel command line this VM will boot with (Linux boot only).
+    pub fn kernel_cmdline(&self) -> Result<Cmdline, BuildError> {
+        let mut line = cmdline::base_cmdline(self.host_mode).map_err(BootError::from)?;
+        for slot in &self.mmio_slots {
+            line.add_virtio_mmio_device(slot.size, GuestAddress(slot.base), slot.irq, None)
+                .map_err(|e| BootError::from(cmdline::CmdlineError::Invalid(e)))?;
+        }
+        if let BootSource::Linux { cmdline_extra, .. } = &self.boot {
+            cmdline::append(&mut line, cmdline_extra).map_err(BootError::from)?;
+        }
+        Ok(line)
+    }
+
+    fn load_boot_source(&self) -> Result<BootEntry, BuildError> {
+        Ok(match &self.boot {
+            BootSource::Linux { kernel, initrd, .. } => {
+                let line = self.kernel_cmdline()?;
+                log::info!(
+                    "kernel command line: {}",
+                    line.as_cstring()
+                        .map(|c| c.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                );
+                boot::load_linux(&self.mem, kernel, initrd.as_deref(), &line, self.vcpus)?
+            }
+            BootSource::Raw {
+                code,
+                load_addr,
+                entry,
+                mode,
+            } => boot::load_raw(&self.mem, code, *load_addr, *entry, *mode, self.vcpus)?,
+        })
+    }
+
+    fn create_vcpus(&self, entry: BootEntry) -> Result<Vec<kvm_ioctls::VcpuFd>, BuildError> {
+        let supported_cpuid = cpuid::supported_cpuid(&self.kvm)?;
+        let supported_msrs = msrs::supported_msrs(&self.kvm)?;
+        (0..self.vcpus)
+            .map(|index| {
+                let fd = self.vm.create_vcpu(u64::from(index)).map_err(|source| {
+                    BuildError::VcpuRegs {
+                        index,
+                        source: regs::RegsError::Ioctl {
+                            what: "KVM_CREATE_VCPU",
+                            source,
+                        },
+                    }
+                })?;
+                let vcpu_cpuid = cpuid::vcpu_cpuid(&supported_cpuid, index, self.vcpus);
+                fd.set_cpuid2(&vcpu_cpuid)
+                    .map_err(|source| cpuid::CpuidError::Set { index, source })?;
+                msrs::setup_msrs(&fd, &supported_msrs)?;
+                regs::setup_fpu_and_lapic(&fd)
+                    .map_err(|source| BuildError::VcpuRegs { index, source })?;
+                // Other vCPUs wait for the boot CPU's INIT/SIPI in the in-kernel LAPIC.
+                if index == 0 {
+                    regs::setup_boot_vcpu(&fd, entry.mode, entry.entry, entry.zero_page)
+                        .map_err(|source| BuildError::VcpuRegs { index, source })?;
+                }
+                Ok(fd)
+            })
+            .collect()
+    }
+
+    /// Loads the boot source, creates the vCPUs and starts them.
+    pub fn start(self) -> Result<Vm, BuildError> {
+        let entry = self.load_boot_source()?;
+        let fds = self.create_vcpus(entry)?;
+        let pio = Arc::new(self.pio);
+        let mmio = Arc::new(self.mmio);
+        let stop_evt = eventfd()?;
+        let (stop_tx, stop_rx) = channel();
+        let mut handles = Vec::with_capacity(fds.len());
+        for (index, fd) in fds.into_iter().enumerate() {
+            let vcpu = Vcpu {
+                index: index as u8,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: self.mem.clone(),
+                stops: stop_tx.clone(),
+                stop_evt: stop_evt.try_clone().map_err(BuildError::EventFd)?,
+            };
+            handles.push(vcpu.spawn()?);
+        }
+        Ok(Vm::new(VmParts {
+            start: self.start,
+            kvm: self.kvm,
+            vm: self.vm,
+            mem: self.mem,
+            vcpus: handles,
+            stops: stop_rx,
+            stop_evt,
+            legacy: self.legacy,
+            console_input: self.console_input,
+            mmio_slots: self.mmio_slots,
+        }))
+    }
+}
+
+/// COM1 (irqfd on IRQ 4), the i8042 reset line and the boot timer on the port bus.
+fn add_legacy_devices(
+    vm: &VmFd,
+    pio: &mut Bus,
+    console: super::devices::serial::ConsoleOutput,
+    start: Instant,
+) -> Result<LegacyDevices, BuildError> {
+    let serial_irq = EventFdTrigger::new().map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&serial_irq.0, COM1_IRQ)
+        .map_err(|source| BuildError::Register {
+            what: format!("irqfd for the serial port on IRQ {COM1_IRQ}"),
+            source,
+        })?;
+    let out = console.into_writer().map_err(BuildError::Console)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+    pio.insert(serial.clone(), COM1_PORT, COM1_LEN)?;
+
+    let reset = EventFdTrigger::new().map_err(BuildError::EventFd)?;
+    let reset_evt = reset.try_clone_fd().map_err(BuildError::EventFd)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(reset))),
+        I8042_PORT,
+        I8042_LEN,
+    )?;
+
+    let ready_evt = eventfd()?;
+    let timer = BootTimer::new(start, ready_evt.try_clone().map_err(BuildError::EventFd)?);
+    let ready_time = timer.ready_time();
+    pio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_PORT, BOOT_TIMER_LEN)?;
+    Ok(LegacyDevices {
+        serial,
+        reset_evt,
+        ready_evt,
+        ready_time,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmio_slots_are_4k_apart_from_the_hole_with_irqs_from_5() {
+        assert_eq!(
+            mmio_slot(0).unwrap(),
+            MmioSlot {
+                base: 0xd000_0000,
+                size: 0x1000,
+                irq: 5
+            }
+        );
+        assert_eq!(
+            mmio_slot(2).unwrap(),
+            MmioSlot {
+                base: 0xd000_2000,
+                size: 0x1000,
+                irq: 7
+            }
+        );
+        assert_eq!(mmio_slot(18).unwrap().irq, 23);
+        assert!(matches!(mmio_slot(19), Err(BuildError::OutOfIrqs)));
+    }
+}

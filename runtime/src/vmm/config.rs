@@ -1,0 +1,55 @@
+//! What a VM is made of: the typed configuration the builder turns into a running VM.
+
+use std::path::PathBuf;
+
+use super::boot::regs::CpuMode;
+use super::devices::serial::ConsoleOutput;
+use crate::host::HostMode;
+
+/// Default guest size for `husk vmm boot` and sandboxes.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+
+/// A VM to build.
+#[derive(Debug)]
+pub struct VmConfig {
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub boot: BootSource,
+    pub console: ConsoleOutput,
+    /// Forward the VMM's stdin to the guest console.
+    pub console_input: bool,
+    /// Decides the PVM compatibility command line.
+    pub host_mode: HostMode,
+}
+
+/// What the boot vCPU starts executing.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A Linux guest: ELF vmlinux, 64-bit entry, optional uncompressed initramfs.
+    Linux {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline_extra: String,
+    },
+    /// A small program copied to `load_addr` and entered at `entry` (tests).
+    Raw {
+        code: Vec<u8>,
+        load_addr: u64,
+        entry: u64,
+        mode: CpuMode,
+    },
+}
+
+impl VmConfig {
+    /// A 1-vCPU config with the defaults, for `boot`.
+    pub fn new(boot: BootSource) -> Self {
+        Self {
+            vcpus: 1,
+            mem_mib: DEFAULT_MEM_MIB,
+            boot,
+            console: ConsoleOutput::Stdout,
+            console_input: false,
+            host_mode: HostMode::detect(),
+        }
+    }
+}

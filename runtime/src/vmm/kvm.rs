@@ -1,0 +1,106 @@
+//! Opening KVM and creating the VM: capabilities checked up front (so a host that lacks
+//! one fails with its name, not a cryptic ioctl error later), KVM's private pages placed in
+//! the MMIO hole, the in-kernel irqchip and PIT, and guest RAM registered as memory slots.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::memory::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+
+/// Errors setting up KVM.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum KvmError {
+    /// cannot open /dev/kvm: {0}; load the kvm module (kvm_intel, kvm_amd or kvm_pvm) and make /dev/kvm readable and writable for this user
+    Open(kvm_ioctls::Error),
+    /// /dev/kvm speaks API version {0}, husk needs 12
+    ApiVersion(i32),
+    /// this KVM lacks {0}, which husk needs
+    MissingCap(&'static str),
+    /// {what} failed: {source}
+    Ioctl {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    /// {0} vCPUs requested but this KVM allows at most {1}
+    TooManyVcpus(u8, usize),
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Ioctl { what, source }
+}
+
+/// The capabilities the VMM relies on, with the names users can look up.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
+/// Opens /dev/kvm and checks it can run a husk VM with `vcpus` vCPUs.
+pub fn open_kvm(vcpus: u8) -> Result<Kvm, KvmError> {
+    let kvm = Kvm::new().map_err(KvmError::Open)?;
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION as i32 {
+        return Err(KvmError::ApiVersion(version));
+    }
+    if let Some((_, name)) = REQUIRED_CAPS
+        .iter()
+        .find(|(cap, _)| !kvm.check_extension(*cap))
+    {
+        return Err(KvmError::MissingCap(name));
+    }
+    if usize::from(vcpus) > kvm.get_max_vcpus() {
+        return Err(KvmError::TooManyVcpus(vcpus, kvm.get_max_vcpus()));
+    }
+    Ok(kvm)
+}
+
+/// Creates the VM with its irqchip (PIC + IOAPIC + LAPICs) and PIT in the kernel, so
+/// interrupts and timers never need the VMM.
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
+    let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+    // The speaker port (0x61) is answered by KVM with a dummy, so calibration reads of
+    // it do not exit to us.
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
+/// Tells KVM about each guest RAM region, one memory slot each.
+pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host_addr = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| KvmError::Ioctl {
+                what: "guest memory lookup",
+                source: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the mapping belongs to `mem`, which the VM keeps alive (the builder and
+        // the running Vm own it) for as long as the VM fd exists; slots do not overlap.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! A running VM: vCPU threads started, the VMM thread waiting in its event loop for the
+//! guest to become ready, power off, or fail.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::builder::{LegacyDevices, MmioSlot};
+use super::devices::serial::SerialDevice;
+use super::event_loop::{EventLoop, EventLoopError};
+use super::vcpu::{VcpuCommand, VcpuError, VcpuHandle, VcpuState, VcpuStop, VcpuStopReport};
+
+/// Errors while the VM runs.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum RunError {
+    /// {0}
+    EventLoop(#[from] EventLoopError),
+    /// {0}
+    Vcpu(#[from] VcpuError),
+    /// vCPU {index} stopped: {reason}{hint}
+    VcpuFailed {
+        index: u8,
+        reason: VcpuStop,
+        hint: &'static str,
+    },
+    /// the guest did not signal ready within {0:?}; raise --timeout, or look at the console output for where it stopped
+    NotReady(Duration),
+    /// vCPU {index} answered {state:?} to {cmd:?}
+    Command {
+        index: u8,
+        cmd: VcpuCommand,
+        state: VcpuState,
+    },
+}
+
+const EMULATION_HINT: &str = "; look the rip up in the System.map next to the guest's vmlinux \
+    (on PVM hosts the guest kernel is emulated and the emulator lacks some instructions, \
+    see docs/design.md)";
+
+/// How long to wait and when to stop.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Return as soon as the guest signals ready (the VM is stopped).
+    pub until_ready: bool,
+    /// Fail if the guest has not signalled ready by then (counted from VMM start).
+    pub ready_timeout: Option<Duration>,
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest reset or powered off (i8042 reset, or a KVM shutdown/reset event).
+    PowerOff,
+    /// Stopped by the VMM right after the ready signal (`until_ready`).
+    Ready,
+}
+
+/// The result of running a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmOutcome {
+    pub exit: GuestExit,
+    /// Time from VMM start to the guest's ready signal, if it came.
+    pub ready_after: Option<Duration>,
+}
+
+/// What the builder hands over.
+pub(super) struct VmParts {
+    pub start: Instant,
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<VcpuHandle>,
+    pub stops: Receiver<VcpuStopReport>,
+    pub stop_evt: EventFd,
+    pub legacy: LegacyDevices,
+    pub console_input: bool,
+    pub mmio_slots: Vec<MmioSlot>,
+}
+
+/// A started VM. Dropping it stops the vCPUs.
+pub struct Vm {
+    parts: VmParts,
+}
+
+const TOKEN_VCPU_STOP: u64 = 1;
+const TOKEN_RESET: u64 = 2;
+const TOKEN_READY: u64 = 3;
+const TOKEN_STDIN: u64 = 4;
+
+enum Step {
+    Continue,
+    Done(GuestExit),
+}
+
+impl Vm {
+    pub(super) fn new(parts: VmParts) -> Self {
+        Self { parts }
+    }
+
+    /// Guest memory (tests read what guest programs wrote).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.parts.mem
+    }
+
+    /// The virtio-mmio devices placed on the bus.
+    pub fn mmio_slots(&self) -> &[MmioSlot] {
+        &self.parts.mmio_slots
+    }
+
+    /// When the VMM started (time to ready counts from here).
+    pub fn started_at(&self) -> Instant {
+        self.parts.start
+    }
+
+    /// Time to ready, if the guest signalled it.
+    pub fn ready_after(&self) -> Option<Duration> {
+        self.parts.legacy.ready_time.get().copied()
+    }
+
+    /// The serial device, e.g. to feed it input.
+    pub fn serial(&self) -> Arc<Mutex<SerialDevice>> {
+        self.parts.legacy.serial.clone()
+    }
+
+    fn command_all(&self, cmd: VcpuCommand, expect: VcpuState) -> Result<(), RunError> {
+        for vcpu in &self.parts.vcpus {
+            let state = vcpu.command(cmd)?;
+            if state != expect {
+                return Err(RunError::Command {
+                    index: vcpu.index(),
+                    cmd,
+                    state,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every vCPU out of the guest and holds it.
+    pub fn pause(&self) -> Result<(), RunError> {
+        self.command_all(VcpuCommand::Pause, VcpuState::Paused)
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) -> Result<(), RunError> {
+        self.command_all(VcpuCommand::Resume, VcpuState::Running)
+    }
+
+    /// Runs the event loop until the guest powers off, becomes ready (with
+    /// `until_ready`), fails, or misses the ready deadline. The vCPUs are stopped after.
+    pub fn wait(&mut self, opts: RunOptions) -> Result<VmOutcome, RunError> {
+        let result = self.event_loop(opts);
+        self.stop_vcpus();
+        let exit = result?;
+        Ok(VmOutcome {
+            exit,
+            ready_after: self.ready_after(),
+        })
+    }
+
+    fn event_loop(&mut self, opts: RunOptions) -> Result<GuestExit, RunError> {
+        let events = EventLoop::new()?;
+        events.add(self.parts.stop_evt.as_raw_fd(), TOKEN_VCPU_STOP)?;
+        events.add(self.parts.legacy.reset_evt.as_raw_fd(), TOKEN_RESET)?;
+        events.add(self.parts.legacy.ready_evt.as_raw_fd(), TOKEN_READY)?;
+        if self.parts.console_input {
+            events.add(libc::STDIN_FILENO, TOKEN_STDIN)?;
+        }
+        let deadline = opts.ready_timeout.map(|t| self.parts.start + t);
+        loop {
+            let wait_until = if self.ready_after().is_some() {
+                None
+            } else {
+                deadline
+            };
+            let tokens = events.wait(wait_until)?;
+            if tokens.is_empty() && self.ready_after().is_none() {
+                return Err(RunError::NotReady(opts.ready_timeout.unwrap_or_default()));
+            }
+            // Ready first: a guest that signals ready and powers off at once was ready.
+            let mut ordered = tokens;
+            ordered.sort_by_key(|t| if *t == TOKEN_READY { 0 } else { 1 });
+            for token in ordered {
+                if let Step::Done(exit) = self.handle(token, opts, &events)? {
+                    return Ok(exit);
+                }
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        token: u64,
+        opts: RunOptions,
+        events: &EventLoop,
+    ) -> Result<Step, RunError> {
+        match token {
+            TOKEN_READY => {
+                let _ = self.parts.legacy.ready_evt.read();
+                if opts.until_ready {
+                    return Ok(Step::Done(GuestExit::Ready));
+                }
+            }
+            TOKEN_RESET => {
+                let _ = self.parts.legacy.reset_evt.read();
+                return Ok(Step::Done(GuestExit::PowerOff));
+            }
+            TOKEN_VCPU_STOP => {
+                let _ = self.parts.stop_evt.read();
+                if let Ok(report) = self.parts.stops.try_recv() {
+                    return self.vcpu_stopped(report).map(Step::Done);
+                }
+            }
+            TOKEN_STDIN => self.forward_stdin(events),
+            _ => {}
+        }
+        Ok(Step::Continue)
+    }
+
+    fn vcpu_stopped(&self, report: VcpuStopReport) -> Result<GuestExit, RunError> {
+        match report.reason {
+            VcpuStop::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET) => {
+                Ok(GuestExit::PowerOff)
+            }
+            reason => {
+                let hint = if matches!(reason, VcpuStop::InternalError(_)) {
+                    EMULATION_HINT
+                } else {
+                    ""
+                };
+                Err(RunError::VcpuFailed {
+                    index: report.index,
+                    reason,
+                    hint,
+                })
+            }
+        }
+    }
+
+    fn forward_stdin(&self, events: &EventLoop) {
+        let mut buf = [0u8; 64];
+        match std::io::stdin().lock().read(&mut buf) {
+            Ok(0) | Err(_) => events.remove(libc::STDIN_FILENO),
+            Ok(n) => {
+                let mut serial = self
+                    .parts
+                    .legacy
+                    .serial
+                    .lock()
+                    .expect("serial lock poisoned");
+                // A full FIFO drops the rest, as a real UART would.
+                serial.enqueue_input(&buf[..n]);
+            }
+        }
+    }
+
+    fn stop_vcpus(&mut self) {
+        for vcpu in self.parts.vcpus.drain(..) {
+            vcpu.stop_and_join();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop_vcpus();
+        let _ = (&self.parts.kvm, &self.parts.vm);
+    }
+}
