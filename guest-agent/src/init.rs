@@ -1,4 +1,5 @@
-//! PID 1 duties: filesystems, the ready signal, power-off and reaping.
+//! PID 1 duties: filesystems, hostname, loopback, the ready signal and power-off.
+//! (Reaping is the reaper thread's job, see `reaper.rs`.)
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
@@ -6,8 +7,9 @@ use std::io::{Seek, SeekFrom, Write};
 use husk_protocol::boot;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
-use nix::sys::wait::{waitpid, WaitPidFlag};
-use nix::unistd::Pid;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 /// Errors of the agent's init phase. Messages come from the doc comments.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -22,7 +24,19 @@ pub enum InitError {
     ReadySignal(std::io::Error),
     /// powering off failed: {0}
     PowerOff(nix::Error),
+    /// creating the mount point {target} failed: {source}
+    MountPoint {
+        target: &'static str,
+        source: std::io::Error,
+    },
+    /// setting the guest hostname failed: {0}
+    Hostname(nix::Error),
+    /// bringing up the loopback interface failed (is CONFIG_NET in the guest kernel?): {0}
+    Loopback(nix::Error),
 }
+
+/// The guest's hostname; containers with a UTS namespace set their own from the spec.
+const HOSTNAME: &str = "husk";
 
 /// Writes one line to the console (PID 1's stderr is /dev/console).
 pub fn log(msg: &str) {
@@ -44,18 +58,63 @@ struct FsMount {
 }
 
 const BASE_MOUNTS: &[FsMount] = &[
-    FsMount { source: "proc", target: "/proc", fstype: "proc", flags: MsFlags::empty() },
-    FsMount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: MsFlags::empty() },
-    FsMount { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: MsFlags::empty() },
-    FsMount { source: "tmpfs", target: "/tmp", fstype: "tmpfs", flags: MsFlags::empty() },
-    FsMount { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: MsFlags::empty() },
+    FsMount {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: MsFlags::empty(),
+    },
+    FsMount {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: MsFlags::empty(),
+    },
+    FsMount {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: MsFlags::empty(),
+    },
+    FsMount {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::empty(),
+    },
+    FsMount {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::empty(),
+    },
+    // cgroup v2 only: the guest kernel is ours, and libcontainer manages v2 without systemd.
+    FsMount {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: MsFlags::empty(),
+    },
 ];
 
 fn mount_base() -> Result<(), InitError> {
     for m in BASE_MOUNTS {
+        std::fs::create_dir_all(m.target).map_err(|source| InitError::MountPoint {
+            target: m.target,
+            source,
+        })?;
         let flags = m.flags | MsFlags::MS_NOSUID;
-        mount(Some(m.source), m.target, Some(m.fstype), flags, None::<&str>).map_err(|source| {
-            InitError::Mount { target: m.target, fstype: m.fstype, source }
+        mount(
+            Some(m.source),
+            m.target,
+            Some(m.fstype),
+            flags,
+            None::<&str>,
+        )
+        .map_err(|source| InitError::Mount {
+            target: m.target,
+            fstype: m.fstype,
+            source,
         })?;
     }
     Ok(())
@@ -68,7 +127,8 @@ fn signal_ready() -> Result<(), InitError> {
         .map_err(InitError::ReadySignal)?;
     port.seek(SeekFrom::Start(u64::from(boot::READY_PORT)))
         .map_err(InitError::ReadySignal)?;
-    port.write_all(&[boot::READY_MAGIC]).map_err(InitError::ReadySignal)
+    port.write_all(&[boot::READY_MAGIC])
+        .map_err(InitError::ReadySignal)
 }
 
 fn cmdline_has(key: &str) -> bool {
@@ -79,28 +139,53 @@ fn cmdline_has(key: &str) -> bool {
 
 /// Ends the VM: with `reboot=k` the guest kernel resets through the i8042 controller,
 /// which the VMM treats as the guest's power-off.
-fn power_off() -> Result<(), InitError> {
+pub fn power_off() -> Result<(), InitError> {
     nix::unistd::sync();
     reboot(RebootMode::RB_AUTOBOOT).map_err(InitError::PowerOff)?;
     Ok(())
 }
 
-fn reap_forever() -> ! {
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::empty())) {
-            Ok(_) => {}
-            // No children: nothing to reap until one appears; sleep instead of spinning.
-            Err(_) => std::thread::sleep(std::time::Duration::from_secs(3600)),
-        }
+/// Brings `lo` up with one ioctl: cheaper here than a netlink conversation.
+fn loopback_up() -> Result<(), InitError> {
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(InitError::Loopback)?;
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
     }
+    req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads one ifreq, which lives for the whole call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    if rc < 0 {
+        return Err(InitError::Loopback(nix::Error::last()));
+    }
+    Ok(())
 }
 
-pub fn run() -> Result<(), InitError> {
+/// Everything PID 1 does before it can serve the host.
+pub fn prepare_guest() -> Result<(), InitError> {
     mount_base()?;
-    signal_ready()?;
-    log("ready");
-    if cmdline_has(boot::CMDLINE_POWEROFF_AFTER_READY) {
-        power_off()?;
+    nix::unistd::sethostname(HOSTNAME).map_err(InitError::Hostname)?;
+    loopback_up()
+}
+
+/// Tells whoever started us that the agent is ready: the VMM through the boot-timer port
+/// when we are PID 1, a log line on the host.
+pub fn ready() -> Result<(), InitError> {
+    if std::process::id() == 1 {
+        signal_ready()?;
+        log("ready");
+        if cmdline_has(boot::CMDLINE_POWEROFF_AFTER_READY) {
+            power_off()?;
+        }
+    } else {
+        log("ready");
     }
-    reap_forever()
+    Ok(())
 }

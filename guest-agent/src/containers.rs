@@ -1,0 +1,433 @@
+//! Containers and their processes, created with youki's libcontainer.
+//!
+//! Each container gets a bundle directory (`<state>/bundles/<id>/config.json`, the spec
+//! the host sent with `root.path` set to the rootfs it named) and libcontainer's state
+//! under `<state>/containers`. libcontainer builds are serialised by the reaper's spawn
+//! guard (see `reaper.rs`): they fork with a raw `clone3` and change the process-wide
+//! working directory for console sockets, neither of which is safe to overlap.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use husk_protocol::messages::{ProcessRef, StdioRequest};
+use husk_protocol::{AgentError, ExitStatus, Response};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::error::LibcontainerError;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::unistd::Pid;
+use oci_spec::runtime::{Process, Spec};
+
+use crate::ports::PortAllocator;
+use crate::reaper::Reaper;
+use crate::stdio::PipeStdio;
+use crate::transport::Transport;
+
+/// How long `DeleteContainer` waits for a killed init to be reaped.
+const DELETE_REAP_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct ContainerEntry {
+    container: Container,
+    init_pid: Pid,
+    execs: HashMap<String, Pid>,
+}
+
+/// Everything the request handlers share.
+pub struct Agent {
+    transport: Arc<dyn Transport>,
+    ports: PortAllocator,
+    pub reaper: Arc<Reaper>,
+    state_root: PathBuf,
+    bundles_root: PathBuf,
+    /// `None` while a container with that id is being created.
+    containers: Mutex<HashMap<String, Option<ContainerEntry>>>,
+}
+
+type AgentResult<T> = Result<T, AgentError>;
+
+impl Agent {
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        reaper: Arc<Reaper>,
+        state_dir: &Path,
+    ) -> AgentResult<Self> {
+        let state_root = state_dir.join("containers");
+        let bundles_root = state_dir.join("bundles");
+        for dir in [&state_root, &bundles_root] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| io_error(format!("creating {}", dir.display()), e))?;
+        }
+        Ok(Self {
+            transport,
+            ports: PortAllocator::default(),
+            reaper,
+            state_root,
+            bundles_root,
+            containers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Option<ContainerEntry>>> {
+        self.containers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on a ready container, holding the table lock (keep `f` short).
+    fn with_container<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut ContainerEntry) -> AgentResult<T>,
+    ) -> AgentResult<T> {
+        match self.table().get_mut(id) {
+            Some(Some(entry)) => f(entry),
+            _ => Err(AgentError::ContainerNotFound { id: id.to_owned() }),
+        }
+    }
+
+    pub fn create_container(
+        &self,
+        id: &str,
+        mut spec: Spec,
+        rootfs: &Path,
+        stdio: StdioRequest,
+    ) -> AgentResult<Response> {
+        validate_spec(&spec, rootfs)?;
+        {
+            let mut table = self.table();
+            if table.contains_key(id) {
+                return Err(AgentError::ContainerExists { id: id.to_owned() });
+            }
+            table.insert(id.to_owned(), None);
+        }
+        let result = self.build_container(id, &mut spec, rootfs, stdio);
+        let mut table = self.table();
+        match result {
+            Ok((entry, response)) => {
+                table.insert(id.to_owned(), Some(entry));
+                Ok(response)
+            }
+            Err(e) => {
+                table.remove(id);
+                let _ = std::fs::remove_dir_all(self.bundles_root.join(id));
+                Err(e)
+            }
+        }
+    }
+
+    fn build_container(
+        &self,
+        id: &str,
+        spec: &mut Spec,
+        rootfs: &Path,
+        stdio: StdioRequest,
+    ) -> AgentResult<(ContainerEntry, Response)> {
+        if spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false)
+        {
+            return Err(AgentError::Unsupported {
+                what: "process.terminal (pty) is not done yet".into(),
+            });
+        }
+        let bundle = self.bundles_root.join(id);
+        std::fs::create_dir_all(&bundle)
+            .map_err(|e| io_error(format!("creating {}", bundle.display()), e))?;
+        if let Some(root) = spec.root_mut() {
+            root.set_path(rootfs.to_path_buf());
+        }
+        spec.save(bundle.join("config.json"))
+            .map_err(|e| AgentError::InvalidSpec { reason: chain(&e) })?;
+
+        let (ours, child) = PipeStdio::prepare(&*self.transport, &self.ports, stdio)
+            .map_err(|e| io_error("preparing stdio".into(), e))?;
+        let ports = ours.ports;
+        let guard = self.reaper.spawn_guard();
+        let container = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+            .validate_id()
+            .and_then(|b| b.with_root_path(&self.state_root))
+            .map(|b| {
+                b.with_stdin(child.stdin)
+                    .with_stdout(child.stdout)
+                    .with_stderr(child.stderr)
+            })
+            .and_then(|b| {
+                b.as_init(&bundle)
+                    .with_systemd(false)
+                    .with_detach(true)
+                    .build()
+            })
+            .map_err(runtime_error)?;
+        let init_pid = container.pid().ok_or_else(|| AgentError::Internal {
+            message: format!("libcontainer created {id} without an init pid"),
+        })?;
+        guard.watch(init_pid);
+        drop(guard);
+        ours.start_relays();
+        let response = Response::Spawned {
+            pid: init_pid.as_raw(),
+            stdio: ports,
+        };
+        Ok((
+            ContainerEntry {
+                container,
+                init_pid,
+                execs: HashMap::new(),
+            },
+            response,
+        ))
+    }
+
+    pub fn start_container(&self, id: &str) -> AgentResult<Response> {
+        self.with_container(id, |entry| {
+            entry.container.start().map_err(runtime_error)?;
+            Ok(Response::Done)
+        })
+    }
+
+    pub fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process: Process,
+        stdio: StdioRequest,
+    ) -> AgentResult<Response> {
+        if process.terminal().unwrap_or(false) {
+            return Err(AgentError::Unsupported {
+                what: "process.terminal (pty) is not done yet".into(),
+            });
+        }
+        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(AgentError::InvalidSpec {
+                reason: "process.args is empty: name the program to run".into(),
+            });
+        }
+        let process_file = self.with_container(container_id, |entry| {
+            if entry.execs.contains_key(exec_id) {
+                return Err(AgentError::ProcessExists {
+                    container_id: container_id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                });
+            }
+            if exec_id.contains('/') || exec_id.is_empty() {
+                return Err(AgentError::InvalidRequest {
+                    reason: format!("exec id {exec_id:?} must be non-empty and contain no '/'"),
+                });
+            }
+            Ok(self
+                .bundles_root
+                .join(container_id)
+                .join(format!("exec-{exec_id}.json")))
+        })?;
+        let json = serde_json::to_vec(&process).map_err(|e| AgentError::InvalidSpec {
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&process_file, json)
+            .map_err(|e| io_error(format!("writing {}", process_file.display()), e))?;
+
+        let (ours, child) = PipeStdio::prepare(&*self.transport, &self.ports, stdio)
+            .map_err(|e| io_error("preparing stdio".into(), e))?;
+        let ports = ours.ports;
+        let guard = self.reaper.spawn_guard();
+        let built = ContainerBuilder::new(container_id.to_owned(), SyscallType::default())
+            .with_root_path(&self.state_root)
+            .map(|b| {
+                b.with_stdin(child.stdin)
+                    .with_stdout(child.stdout)
+                    .with_stderr(child.stderr)
+            })
+            .and_then(|b| {
+                b.as_tenant()
+                    .with_process(Some(&process_file))
+                    .with_detach(true)
+                    .build()
+            });
+        let _ = std::fs::remove_file(&process_file);
+        let pid = built.map_err(runtime_error)?;
+        guard.watch(pid);
+        drop(guard);
+        ours.start_relays();
+
+        let registered = self.with_container(container_id, |entry| {
+            entry.execs.insert(exec_id.to_owned(), pid);
+            Ok(())
+        });
+        if let Err(e) = registered {
+            // The container was deleted while we spawned: do not leave the process behind.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(e);
+        }
+        Ok(Response::Spawned {
+            pid: pid.as_raw(),
+            stdio: ports,
+        })
+    }
+
+    fn pid_of(&self, process: &ProcessRef) -> AgentResult<Pid> {
+        self.with_container(&process.container_id, |entry| match &process.exec_id {
+            None => Ok(entry.init_pid),
+            Some(exec_id) => {
+                entry
+                    .execs
+                    .get(exec_id)
+                    .copied()
+                    .ok_or_else(|| AgentError::ProcessNotFound {
+                        container_id: process.container_id.clone(),
+                        exec_id: exec_id.clone(),
+                    })
+            }
+        })
+    }
+
+    pub fn signal_process(&self, process: &ProcessRef, signal: i32) -> AgentResult<Response> {
+        let sig =
+            nix::sys::signal::Signal::try_from(signal).map_err(|_| AgentError::InvalidRequest {
+                reason: format!("{signal} is not a signal number"),
+            })?;
+        let pid = self.pid_of(process)?;
+        // An exited (and reaped) pid may belong to someone else by now: never signal it.
+        if self.reaper.try_status(pid).is_some() {
+            return Ok(Response::Done);
+        }
+        match nix::sys::signal::kill(pid, sig) {
+            Ok(()) | Err(nix::Error::ESRCH) => Ok(Response::Done),
+            Err(e) => Err(io_error(format!("sending signal {signal} to pid {pid}"), e)),
+        }
+    }
+
+    pub fn wait_process(&self, process: &ProcessRef) -> AgentResult<Response> {
+        let pid = self.pid_of(process)?;
+        let status: ExitStatus =
+            self.reaper
+                .wait(pid, None)
+                .ok_or_else(|| AgentError::Internal {
+                    message: "waiting without a timeout returned nothing".into(),
+                })?;
+        Ok(Response::Exited { status })
+    }
+
+    pub fn stats(&self, id: &str) -> AgentResult<Response> {
+        let cgroup_path = self.with_container(id, |entry| {
+            Ok(entry.container.spec().map_err(runtime_error)?.cgroup_path)
+        })?;
+        let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+            cgroup_path,
+            systemd_cgroup: false,
+            container_name: id.to_owned(),
+        })
+        .map_err(|e| AgentError::Runtime { message: chain(&e) })?;
+        use libcgroups::common::CgroupManager;
+        let stats = manager
+            .stats()
+            .map_err(|e| AgentError::Runtime { message: chain(&e) })?;
+        let stats = serde_json::to_value(stats).map_err(|e| AgentError::Internal {
+            message: e.to_string(),
+        })?;
+        Ok(Response::Stats { stats })
+    }
+
+    pub fn delete_container(&self, id: &str, force: bool) -> AgentResult<Response> {
+        let mut entry = match self.table().remove(id) {
+            Some(Some(entry)) => entry,
+            Some(None) => {
+                // Being created: put the reservation back.
+                self.table().insert(id.to_owned(), None);
+                return Err(AgentError::InvalidRequest {
+                    reason: format!("container {id} is still being created"),
+                });
+            }
+            None => return Err(AgentError::ContainerNotFound { id: id.to_owned() }),
+        };
+        if let Err(e) = entry.container.delete(force) {
+            let error = runtime_error(e);
+            self.table().insert(id.to_owned(), Some(entry));
+            return Err(error);
+        }
+        // Report only once the init is gone, so the host can clean up after us.
+        if self
+            .reaper
+            .wait(entry.init_pid, Some(DELETE_REAP_TIMEOUT))
+            .is_none()
+        {
+            crate::init::log(&format!(
+                "container {id}: init {} not reaped after delete",
+                entry.init_pid
+            ));
+        }
+        self.reaper.forget(entry.init_pid);
+        for pid in entry.execs.values() {
+            self.reaper.forget(*pid);
+        }
+        let _ = std::fs::remove_dir_all(self.bundles_root.join(id));
+        Ok(Response::Done)
+    }
+
+    /// Force-deletes every container (for `Shutdown`).
+    pub fn delete_all(&self) {
+        let ids: Vec<String> = self.table().keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.delete_container(&id, true) {
+                crate::init::log(&format!("deleting container {id} at shutdown failed: {e}"));
+            }
+        }
+    }
+}
+
+/// Checks what libcontainer would otherwise reject with a less helpful message.
+fn validate_spec(spec: &Spec, rootfs: &Path) -> AgentResult<()> {
+    let invalid = |reason: String| Err(AgentError::InvalidSpec { reason });
+    if !spec.version().starts_with("1.") {
+        return invalid(format!("ociVersion {:?} is not 1.x", spec.version()));
+    }
+    let Some(process) = spec.process() else {
+        return invalid("no process section: name the program to run in process.args".into());
+    };
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return invalid("process.args is empty: name the program to run".into());
+    }
+    if spec.linux().is_none() {
+        return invalid("no linux section (namespaces, masked paths, ...)".into());
+    }
+    if !rootfs.is_absolute() || !rootfs.is_dir() {
+        return invalid(format!(
+            "rootfs {} is not an absolute path to a directory",
+            rootfs.display()
+        ));
+    }
+    Ok(())
+}
+
+fn runtime_error(e: LibcontainerError) -> AgentError {
+    match e {
+        LibcontainerError::InvalidID(_)
+        | LibcontainerError::InvalidSpec(_)
+        | LibcontainerError::MissingSpec(_)
+        | LibcontainerError::Spec(_) => AgentError::InvalidSpec { reason: chain(&e) },
+        e => AgentError::Runtime { message: chain(&e) },
+    }
+}
+
+fn io_error(context: String, e: impl std::error::Error) -> AgentError {
+    AgentError::Io {
+        context,
+        message: chain(&e),
+    }
+}
+
+/// An error and all its sources on one line: libcontainer's top-level messages alone
+/// ("io error", "syscall error") do not say what failed.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}
