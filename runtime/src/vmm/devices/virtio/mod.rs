@@ -8,7 +8,7 @@
 
 pub mod interrupt;
 pub mod mmio;
-// pub mod vsock;
+pub mod vsock;
 
 #[cfg(test)]
 pub(crate) mod test_utils;

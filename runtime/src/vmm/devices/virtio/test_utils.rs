@@ -119,7 +119,6 @@ impl DriverQueue {
 
     /// A `virtio_queue::Queue` configured at this queue's rings, ready, as a transport
     /// would hand it to a device.
-    #[allow(dead_code)] // used by the vsock tests
     pub fn device_queue(&self) -> virtio_queue::Queue {
         use virtio_queue::QueueT;
         let mut q = virtio_queue::Queue::new(self.size).unwrap();
