@@ -4,4 +4,6 @@
 
 pub mod artifacts;
 pub mod host;
+pub mod oci;
+pub mod sandbox;
 pub mod vmm;

@@ -1,0 +1,35 @@
+//! `husk ps ID [--format table|json]`: the host pids of a container's processes.
+
+use std::process::ExitCode;
+
+use husk::sandbox::lifecycle;
+
+use super::Global;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// The container id
+    pub id: String,
+}
+
+pub fn run(args: Args, g: &Global) -> anyhow::Result<ExitCode> {
+    let pids = lifecycle::pids(&g.store()?, &args.id)?;
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string(&pids)?),
+        Format::Table => {
+            println!("PID");
+            for pid in pids {
+                println!("{pid}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,269 @@
+//! The runc-compatible lifecycle over the state store and a [`Sandbox`] backend. The CLI
+//! calls these; each takes the container's lock for the duration of the operation.
+
+use std::path::{Path, PathBuf};
+
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use oci_spec::runtime::LinuxResources;
+
+use super::{backend, CreateOptions, ExecOptions, Sandbox, SandboxError};
+use crate::oci::bundle::BundleError;
+use crate::oci::state::OCI_VERSION;
+use crate::oci::store::write_atomic;
+use crate::oci::{
+    Bundle, Entry, Isolation, IsolationError, OciState, Record, Status, Store, StoreError,
+};
+
+/// Errors of lifecycle operations.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum LifecycleError {
+    /// {0}
+    Bundle(#[from] BundleError),
+    /// {0}
+    Isolation(#[from] IsolationError),
+    /// {0}
+    Store(#[from] StoreError),
+    /// {0}
+    Sandbox(#[from] SandboxError),
+    /// cannot wait for pid {pid}: {source}
+    Wait { pid: i32, source: nix::Error },
+    /// cannot become a child subreaper: {0}
+    Subreaper(nix::Error),
+}
+
+fn open(store: &Store, id: &str) -> Result<(Entry, Record, Box<dyn Sandbox>), LifecycleError> {
+    let entry = store.lock(id)?;
+    let record = entry.read()?;
+    let sandbox = backend(record.isolation)?;
+    Ok((entry, record, sandbox))
+}
+
+/// Creates container `id` from the bundle at `bundle_dir`; writes `pid_file` when given.
+/// On any failure nothing is left behind: no state directory, no process, no cgroup.
+pub fn create(
+    store: &Store,
+    id: &str,
+    bundle_dir: &Path,
+    isolation: Option<Isolation>,
+    opts: &CreateOptions,
+    pid_file: Option<&Path>,
+) -> Result<i32, LifecycleError> {
+    let bundle = Bundle::load(bundle_dir)?;
+    let isolation = Isolation::choose(isolation, bundle.spec.annotations().as_ref())?;
+    let sandbox = backend(isolation)?;
+    let entry = store.reserve(id)?;
+    let mut record = Record {
+        id: id.to_string(),
+        isolation,
+        bundle: bundle.path.clone(),
+        rootfs: bundle.rootfs(),
+        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        pid: None,
+    };
+    let created = (|| -> Result<i32, LifecycleError> {
+        entry.write(&record)?;
+        let pid = sandbox.create(&entry, &bundle, opts)?;
+        record.pid = Some(pid);
+        entry.write(&record)?;
+        if let Some(path) = pid_file {
+            write_atomic(&absolute(path), pid.to_string().as_bytes())?;
+        }
+        Ok(pid)
+    })();
+    match created {
+        Ok(pid) => Ok(pid),
+        Err(e) => {
+            let _ = sandbox.delete(&entry, true);
+            let _ = entry.remove();
+            Err(e)
+        }
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Releases the container's process from the exec barrier.
+pub fn start(store: &Store, id: &str) -> Result<(), LifecycleError> {
+    let (entry, _, sandbox) = open(store, id)?;
+    sandbox.start(&entry)?;
+    Ok(())
+}
+
+/// The OCI state of a container.
+pub fn state(store: &Store, id: &str) -> Result<OciState, LifecycleError> {
+    let (entry, record, sandbox) = open(store, id)?;
+    let (status, pid) = match record.pid {
+        None => (Status::Creating, None),
+        Some(_) => sandbox.status(&entry)?,
+    };
+    Ok(OciState {
+        oci_version: OCI_VERSION.to_string(),
+        id: record.id,
+        status,
+        pid: if status == Status::Stopped {
+            0
+        } else {
+            pid.or(record.pid).unwrap_or(0)
+        },
+        bundle: record.bundle,
+        rootfs: record.rootfs,
+        created: record.created,
+        owner: String::new(),
+        annotations: record.annotations,
+    })
+}
+
+/// The states of all containers under the root; those that vanish meanwhile are skipped.
+pub fn list(store: &Store) -> Result<Vec<OciState>, LifecycleError> {
+    let mut states = Vec::new();
+    for id in store.list()? {
+        match state(store, &id) {
+            Ok(s) => states.push(s),
+            Err(LifecycleError::Store(StoreError::NotFound(_))) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(states)
+}
+
+/// Sends a signal to the container's process (or, with `all`, to all its processes).
+pub fn kill(store: &Store, id: &str, signal: i32, all: bool) -> Result<(), LifecycleError> {
+    let (entry, _, sandbox) = open(store, id)?;
+    sandbox.kill(&entry, signal, all)?;
+    Ok(())
+}
+
+/// Deletes the container and everything it left: processes (`force`), cgroups, state.
+pub fn delete(store: &Store, id: &str, force: bool) -> Result<(), LifecycleError> {
+    let (entry, _, sandbox) = open(store, id)?;
+    sandbox.delete(&entry, force)?;
+    entry.remove()?;
+    Ok(())
+}
+
+/// Starts a process in the running container; writes `pid_file` when given.
+pub fn exec(
+    store: &Store,
+    id: &str,
+    opts: &ExecOptions,
+    pid_file: Option<&Path>,
+) -> Result<i32, LifecycleError> {
+    let (entry, _, sandbox) = open(store, id)?;
+    let pid = sandbox.exec(&entry, opts)?;
+    if let Some(path) = pid_file {
+        write_atomic(&absolute(path), pid.to_string().as_bytes())?;
+    }
+    Ok(pid)
+}
+
+/// The host pids of the container's processes.
+pub fn pids(store: &Store, id: &str) -> Result<Vec<i32>, LifecycleError> {
+    let (entry, _, sandbox) = open(store, id)?;
+    Ok(sandbox.pids(&entry)?)
+}
+
+pub fn pause(store: &Store, id: &str) -> Result<(), LifecycleError> {
+    let (entry, _, sandbox) = open(store, id)?;
+    Ok(sandbox.pause(&entry)?)
+}
+
+pub fn resume(store: &Store, id: &str) -> Result<(), LifecycleError> {
+    let (entry, _, sandbox) = open(store, id)?;
+    Ok(sandbox.resume(&entry)?)
+}
+
+pub fn stats(store: &Store, id: &str) -> Result<serde_json::Value, LifecycleError> {
+    let (entry, _, sandbox) = open(store, id)?;
+    Ok(sandbox.stats(&entry)?)
+}
+
+pub fn update(store: &Store, id: &str, resources: &LinuxResources) -> Result<(), LifecycleError> {
+    let (entry, _, sandbox) = open(store, id)?;
+    Ok(sandbox.update(&entry, resources)?)
+}
+
+/// Makes this process the reaper of its orphaned descendants, so that a container
+/// process whose parent exits (as libcontainer's intermediate does) can be waited for.
+pub fn become_subreaper() -> Result<(), LifecycleError> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(LifecycleError::Subreaper)
+}
+
+/// Waits for `pid` (a child, or an orphan reparented to us as subreaper) and returns its
+/// exit code the way a shell reports it: the status, or 128 + the signal.
+pub fn wait_exit_code(pid: i32) -> Result<i32, LifecycleError> {
+    loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::Error::EINTR) => continue,
+            Err(source) => return Err(LifecycleError::Wait { pid, source }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_bundle_or_vm_leaves_no_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("root")).unwrap();
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        std::fs::write(
+            bundle.join("config.json"),
+            r#"{"ociVersion":"1.0.2","process":7}"#,
+        )
+        .unwrap();
+        let err = create(
+            &store,
+            "c",
+            &bundle,
+            Some(Isolation::Container),
+            &Default::default(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`process`"), "{err}");
+        std::fs::write(
+            bundle.join("config.json"),
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0}}}"#,
+        )
+        .unwrap();
+        let err = create(
+            &store,
+            "c",
+            &bundle,
+            Some(Isolation::Vm),
+            &Default::default(),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not available yet"), "{err}");
+        assert!(store.list().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(store.root()).unwrap().count(), 0);
+        let err = state(&store, "c").unwrap_err().to_string();
+        assert!(err.contains("\"c\" does not exist"), "{err}");
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        for (script, want) in [("exit 7", 7), ("kill -TERM $$", 128 + 15)] {
+            // Reaped by wait_exit_code, not by std.
+            #[allow(clippy::zombie_processes)]
+            let child = std::process::Command::new("sh")
+                .args(["-c", script])
+                .spawn()
+                .unwrap();
+            assert_eq!(wait_exit_code(child.id() as i32).unwrap(), want, "{script}");
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Sandboxes: where a container actually runs. The [`Sandbox`] trait is the seam between
+//! the lifecycle (state store, pid file, the runc-compatible commands, in
+//! [`lifecycle`]) and a backend:
+//!
+//! - [`container::ContainerSandbox`]: `--isolation container`, libcontainer on the host.
+//! - the `vm` backend (one microVM per sandbox, the `husk vmm` daemon, the guest agent)
+//!   plugs in here by implementing [`Sandbox`] and being returned by [`backend`]; until
+//!   then `--isolation vm` fails with [`SandboxError::VmNotAvailable`].
+//!
+//! Every method gets the container's locked store [`Entry`]: backends keep their own
+//! files in `entry.dir()`.
+
+pub mod container;
+pub mod lifecycle;
+pub mod signal;
+
+use std::path::PathBuf;
+
+use oci_spec::runtime::LinuxResources;
+
+use crate::oci::{Bundle, Entry, Isolation, Status};
+
+/// Options of `create` that a backend honours.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Unix socket to send the pty master to (`process.terminal: true`).
+    pub console_socket: Option<PathBuf>,
+    /// Use MS_MOVE instead of pivot_root (for a rootfs on ramfs).
+    pub no_pivot: bool,
+    /// Do not create a new session keyring.
+    pub no_new_keyring: bool,
+    /// Extra fds, from 3 on, passed to the container process.
+    pub preserve_fds: i32,
+    /// `husk run` without --detach: the container's stdio is husk's own, which waits.
+    pub foreground: bool,
+}
+
+/// A process to start in a running container (`husk exec`).
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    /// A process.json in the OCI `process` format; when set, `args` must be empty.
+    pub process: Option<PathBuf>,
+    pub args: Vec<String>,
+    /// `KEY=VALUE`, added to the container's environment.
+    pub env: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub additional_gids: Vec<u32>,
+    pub tty: bool,
+    pub console_socket: Option<PathBuf>,
+    pub detach: bool,
+    pub preserve_fds: i32,
+    pub no_new_privs: bool,
+    pub capabilities: Vec<String>,
+}
+
+/// Errors of sandbox backends.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum SandboxError {
+    /// --isolation vm is not available yet in this build (the microVM backend is being written); use --isolation container, or annotation io.husk.isolation=container
+    VmNotAvailable,
+    /// container {id}: {op} failed: {message}
+    Backend {
+        id: String,
+        op: &'static str,
+        message: String,
+    },
+    /// container {id} is {status}: cannot {op} it{hint}
+    WrongStatus {
+        id: String,
+        status: Status,
+        op: &'static str,
+        hint: &'static str,
+    },
+    /// {0}
+    Unsupported(String),
+}
+
+/// The operations a backend provides for one container.
+pub trait Sandbox {
+    /// Creates the container and leaves its process waiting at the exec barrier.
+    /// Returns the pid that represents the container to callers (`--pid-file`).
+    fn create(
+        &self,
+        entry: &Entry,
+        bundle: &Bundle,
+        opts: &CreateOptions,
+    ) -> Result<i32, SandboxError>;
+    /// Releases the exec barrier: the user process runs.
+    fn start(&self, entry: &Entry) -> Result<(), SandboxError>;
+    /// The current status and pid (a dead process reads as `stopped`).
+    fn status(&self, entry: &Entry) -> Result<(Status, Option<i32>), SandboxError>;
+    /// Sends `signal` to the container process, or to all its processes.
+    fn kill(&self, entry: &Entry, signal: i32, all: bool) -> Result<(), SandboxError>;
+    /// Removes everything the backend made: processes (with `force`), cgroups, files.
+    fn delete(&self, entry: &Entry, force: bool) -> Result<(), SandboxError>;
+    /// Starts another process in the running container; returns its pid.
+    fn exec(&self, entry: &Entry, opts: &ExecOptions) -> Result<i32, SandboxError>;
+    /// The host pids of all processes of the container.
+    fn pids(&self, entry: &Entry) -> Result<Vec<i32>, SandboxError>;
+    /// Freezes all processes of the container.
+    fn pause(&self, entry: &Entry) -> Result<(), SandboxError>;
+    /// Thaws them.
+    fn resume(&self, entry: &Entry) -> Result<(), SandboxError>;
+    /// Resource usage, as JSON (`husk events --stats`).
+    fn stats(&self, entry: &Entry) -> Result<serde_json::Value, SandboxError>;
+    /// Changes the container's resource limits.
+    fn update(&self, entry: &Entry, resources: &LinuxResources) -> Result<(), SandboxError>;
+}
+
+/// The backend for an isolation level.
+pub fn backend(isolation: Isolation) -> Result<Box<dyn Sandbox>, SandboxError> {
+    match isolation {
+        Isolation::Container => Ok(Box::new(container::ContainerSandbox)),
+        Isolation::Vm => Err(SandboxError::VmNotAvailable),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_backend_says_it_is_not_available() {
+        let err = backend(Isolation::Vm).err().unwrap().to_string();
+        assert!(
+            err.contains("not available yet") && err.contains("--isolation container"),
+            "{err}"
+        );
+        assert!(backend(Isolation::Container).is_ok());
+    }
+}
