@@ -1,1 +1,4 @@
 //! Helpers shared by husk's integration tests.
+
+pub mod guest_asm;
+pub mod vmm;

@@ -21,6 +21,7 @@ mod start;
 mod state;
 mod update;
 mod vmm;
+mod vmm_boot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -3,8 +3,13 @@
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Boot a guest kernel and stream its console to stdout (debugging, benchmarks).
+    Boot(super::vmm_boot::Args),
+}
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
-    match cmd {}
+    match cmd {
+        Command::Boot(args) => super::vmm_boot::run(args),
+    }
 }

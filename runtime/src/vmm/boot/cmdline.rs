@@ -16,20 +16,24 @@ pub enum CmdlineError {
 /// Validated under QEMU by the guest kernel work (guest-kernel-config/cmdline.base):
 /// serial console, reset through the i8042 (the VMM's power-off), no reboot loop on
 /// panic, and `rodata=off` (marking rodata read-only costs ~14 s of emulation on PVM).
-pub const BASE: &str = "console=ttyS0 reboot=k panic=-1 rodata=off";
+pub fn base() -> &'static str {
+    include_str!("../../../../guest-kernel-config/cmdline.base").trim()
+}
 
-/// Needed on PVM hosts only (shared/substrate.md): the emulator lacks xsave/xrstor and
-/// the host's feature bits leak through CPUID, so the kernel must not use them.
-pub const PVM_COMPAT: &str = "noxsave clearcpuid=smap,smep,popcnt,fsgsbase,rdrand,rdseed,\
-rdpid,invpcid,pcid,clflushopt,clwb,erms,fsrm,umip,pku,xsaves,xsaveopt,xsavec";
+/// Needed on PVM hosts only (guest-kernel-config/cmdline.pvm, shared/substrate.md): the
+/// emulator lacks xsave/xrstor and the host's feature bits leak through CPUID, so the
+/// kernel must not use them.
+pub fn pvm_compat() -> &'static str {
+    include_str!("../../../../guest-kernel-config/cmdline.pvm").trim()
+}
 
 /// The command line for a guest on a host of `mode`, before devices and extras.
 pub fn base_cmdline(mode: HostMode) -> Result<Cmdline, CmdlineError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(CmdlineError::Invalid)?;
-    cmdline.insert_str(BASE).map_err(CmdlineError::Invalid)?;
+    cmdline.insert_str(base()).map_err(CmdlineError::Invalid)?;
     if mode == HostMode::Pvm {
         cmdline
-            .insert_str(PVM_COMPAT)
+            .insert_str(pvm_compat())
             .map_err(CmdlineError::Invalid)?;
     }
     Ok(cmdline)
@@ -58,9 +62,11 @@ mod tests {
     #[test]
     fn pvm_hosts_get_the_compat_options_and_others_do_not() {
         let pvm = text(&base_cmdline(HostMode::Pvm).unwrap());
-        assert!(pvm.starts_with(BASE) && pvm.contains("noxsave") && pvm.contains("clearcpuid="));
+        assert_eq!(pvm, format!("{} {}", base(), pvm_compat()));
+        assert!(pvm.contains("console=ttyS0") && pvm.contains("reboot=k"));
+        assert!(pvm.contains("noxsave") && pvm.contains("clearcpuid=smap"));
         let hw = text(&base_cmdline(HostMode::Hardware).unwrap());
-        assert_eq!(hw, BASE);
+        assert_eq!(hw, base());
     }
 
     #[test]
@@ -72,7 +78,7 @@ mod tests {
         append(&mut c, "").unwrap();
         assert_eq!(
             text(&c),
-            format!("{BASE} virtio_mmio.device=4K@0xd0000000:5 quiet")
+            format!("{} virtio_mmio.device=4K@0xd0000000:5 quiet", base())
         );
     }
 

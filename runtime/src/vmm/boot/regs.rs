@@ -30,6 +30,8 @@ const X86_CR0_PG: u64 = 1 << 31;
 const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
+const PTE_PRESENT_RW_USER: u64 = 0x7;
+const PTE_HUGE: u64 = 0x80;
 /// Bit 1 of RFLAGS is reserved and always set.
 pub const RFLAGS_RESERVED: u64 = 1 << 1;
 
@@ -95,14 +97,18 @@ pub fn write_long_mode_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
         .map_err(RegsError::WriteTables)?;
-    // Present | writable for the upper levels; plus PS (2 MiB page) in the directory.
-    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
+    // Present | writable | user at every level, plus PS (2 MiB page) in the directory.
+    // The user bit lets test programs run at CPL3; Linux replaces these tables at once.
+    mem.write_obj(PDPTE_START | PTE_PRESENT_RW_USER, GuestAddress(PML4_START))
         .map_err(RegsError::WriteTables)?;
-    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
+    mem.write_obj(PDE_START | PTE_PRESENT_RW_USER, GuestAddress(PDPTE_START))
         .map_err(RegsError::WriteTables)?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))
-            .map_err(RegsError::WriteTables)?;
+        mem.write_obj(
+            (i << 21) | PTE_PRESENT_RW_USER | PTE_HUGE,
+            GuestAddress(PDE_START + i * 8),
+        )
+        .map_err(RegsError::WriteTables)?;
     }
     Ok(())
 }
@@ -286,9 +292,9 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_long_mode_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
-        assert_eq!(pml4, PDPTE_START | 3);
+        assert_eq!(pml4, PDPTE_START | 7);
         let pde_last: u64 = mem.read_obj(GuestAddress(PDE_START + 511 * 8)).unwrap();
-        assert_eq!(pde_last, (511 << 21) | 0x83);
+        assert_eq!(pde_last, (511 << 21) | 0x87);
         let gdt1: u64 = mem.read_obj(GuestAddress(BOOT_GDT_START + 8)).unwrap();
         assert_eq!(gdt1, BOOT_GDT[1]);
     }
