@@ -7,11 +7,12 @@
 //! working directory for console sockets, neither of which is safe to overlap.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use husk_protocol::messages::{ProcessRef, StdioRequest};
+use husk_protocol::messages::{ProcessRef, StdioPorts, StdioRequest};
 use husk_protocol::{AgentError, ExitStatus, Response};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
@@ -20,9 +21,10 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::unistd::Pid;
 use oci_spec::runtime::{Process, Spec};
 
+use crate::console::{resize, start_pty_relay, ConsoleSocket};
 use crate::ports::PortAllocator;
 use crate::reaper::Reaper;
-use crate::stdio::PipeStdio;
+use crate::stdio::{ChildStdio, PipeStdio};
 use crate::transport::Transport;
 
 /// How long `DeleteContainer` waits for a killed init to be reaped.
@@ -32,6 +34,66 @@ struct ContainerEntry {
     container: Container,
     init_pid: Pid,
     execs: HashMap<String, Pid>,
+    /// Pty masters by exec id (`None`: the init), kept for `ResizePty`.
+    ptys: HashMap<Option<String>, OwnedFd>,
+}
+
+/// A new process's stdio before it exists: pipes, or a console socket for a pty.
+enum PreparedStdio {
+    Pipes(PipeStdio, ChildStdio),
+    Console(ConsoleSocket),
+}
+
+impl PreparedStdio {
+    /// Hands the process's ends to libcontainer.
+    fn attach(self, builder: ContainerBuilder) -> (ContainerBuilder, Finish) {
+        match self {
+            PreparedStdio::Pipes(ours, child) => {
+                let builder = builder
+                    .with_stdin(child.stdin)
+                    .with_stdout(child.stdout)
+                    .with_stderr(child.stderr);
+                (builder, Finish::Pipes(ours))
+            }
+            PreparedStdio::Console(console) => {
+                let builder = builder.with_console_socket(Some(&console.path));
+                (builder, Finish::Console(console))
+            }
+        }
+    }
+}
+
+/// The agent's side of a new process's stdio, finished once the process exists.
+enum Finish {
+    Pipes(PipeStdio),
+    Console(ConsoleSocket),
+}
+
+impl Finish {
+    /// Starts the relays; returns the ports and, for a pty, its master (for resizing).
+    fn start(self, agent: &Agent) -> AgentResult<(StdioPorts, Option<OwnedFd>)> {
+        match self {
+            Finish::Pipes(ours) => {
+                let ports = ours.ports;
+                ours.start_relays();
+                Ok((ports, None))
+            }
+            Finish::Console(console) => {
+                let master = console
+                    .master()
+                    .map_err(|e| io_error("receiving the pty".into(), e))?;
+                let (port, for_resize) = start_pty_relay(&*agent.transport, &agent.ports, master)
+                    .map_err(|e| io_error("relaying the pty".into(), e))?;
+                Ok((
+                    StdioPorts {
+                        pty: Some(port),
+                        ..StdioPorts::default()
+                    },
+                    Some(for_resize),
+                ))
+            }
+        }
+    }
 }
 
 /// Everything the request handlers share.
@@ -41,6 +103,7 @@ pub struct Agent {
     pub reaper: Arc<Reaper>,
     state_root: PathBuf,
     bundles_root: PathBuf,
+    console_root: PathBuf,
     /// `None` while a container with that id is being created.
     containers: Mutex<HashMap<String, Option<ContainerEntry>>>,
 }
@@ -55,7 +118,8 @@ impl Agent {
     ) -> AgentResult<Self> {
         let state_root = state_dir.join("containers");
         let bundles_root = state_dir.join("bundles");
-        for dir in [&state_root, &bundles_root] {
+        let console_root = state_dir.join("console");
+        for dir in [&state_root, &bundles_root, &console_root] {
             std::fs::create_dir_all(dir)
                 .map_err(|e| io_error(format!("creating {}", dir.display()), e))?;
         }
@@ -65,6 +129,7 @@ impl Agent {
             reaper,
             state_root,
             bundles_root,
+            console_root,
             containers: Mutex::new(HashMap::new()),
         })
     }
@@ -83,6 +148,22 @@ impl Agent {
             Some(Some(entry)) => f(entry),
             _ => Err(AgentError::ContainerNotFound { id: id.to_owned() }),
         }
+    }
+
+    fn prepare_stdio(
+        &self,
+        terminal: bool,
+        stdio: StdioRequest,
+        name: &str,
+    ) -> AgentResult<PreparedStdio> {
+        if terminal {
+            let console = ConsoleSocket::bind(&self.console_root, name)
+                .map_err(|e| io_error("creating the console socket".into(), e))?;
+            return Ok(PreparedStdio::Console(console));
+        }
+        let (ours, child) = PipeStdio::prepare(&*self.transport, &self.ports, stdio)
+            .map_err(|e| io_error("preparing stdio".into(), e))?;
+        Ok(PreparedStdio::Pipes(ours, child))
     }
 
     pub fn create_container(
@@ -122,16 +203,11 @@ impl Agent {
         rootfs: &Path,
         stdio: StdioRequest,
     ) -> AgentResult<(ContainerEntry, Response)> {
-        if spec
+        let terminal = spec
             .process()
             .as_ref()
             .and_then(|p| p.terminal())
-            .unwrap_or(false)
-        {
-            return Err(AgentError::Unsupported {
-                what: "process.terminal (pty) is not done yet".into(),
-            });
-        }
+            .unwrap_or(false);
         let bundle = self.bundles_root.join(id);
         std::fs::create_dir_all(&bundle)
             .map_err(|e| io_error(format!("creating {}", bundle.display()), e))?;
@@ -141,23 +217,19 @@ impl Agent {
         spec.save(bundle.join("config.json"))
             .map_err(|e| AgentError::InvalidSpec { reason: chain(&e) })?;
 
-        let (ours, child) = PipeStdio::prepare(&*self.transport, &self.ports, stdio)
-            .map_err(|e| io_error("preparing stdio".into(), e))?;
-        let ports = ours.ports;
+        let prepared = self.prepare_stdio(terminal, stdio, id)?;
         let guard = self.reaper.spawn_guard();
-        let container = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+        let (container, finish) = ContainerBuilder::new(id.to_owned(), SyscallType::default())
             .validate_id()
             .and_then(|b| b.with_root_path(&self.state_root))
-            .map(|b| {
-                b.with_stdin(child.stdin)
-                    .with_stdout(child.stdout)
-                    .with_stderr(child.stderr)
-            })
             .and_then(|b| {
-                b.as_init(&bundle)
+                let (b, finish) = prepared.attach(b);
+                let container = b
+                    .as_init(&bundle)
                     .with_systemd(false)
                     .with_detach(true)
-                    .build()
+                    .build()?;
+                Ok((container, finish))
             })
             .map_err(runtime_error)?;
         let init_pid = container.pid().ok_or_else(|| AgentError::Internal {
@@ -165,18 +237,28 @@ impl Agent {
         })?;
         guard.watch(init_pid);
         drop(guard);
-        ours.start_relays();
-        let response = Response::Spawned {
-            pid: init_pid.as_raw(),
-            stdio: ports,
+        let mut entry = ContainerEntry {
+            container,
+            init_pid,
+            execs: HashMap::new(),
+            ptys: HashMap::new(),
         };
+        let (ports, pty) = match finish.start(self) {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = entry.container.delete(true);
+                return Err(e);
+            }
+        };
+        if let Some(master) = pty {
+            entry.ptys.insert(None, master);
+        }
         Ok((
-            ContainerEntry {
-                container,
-                init_pid,
-                execs: HashMap::new(),
+            entry,
+            Response::Spawned {
+                pid: init_pid.as_raw(),
+                stdio: ports,
             },
-            response,
         ))
     }
 
@@ -194,11 +276,7 @@ impl Agent {
         process: Process,
         stdio: StdioRequest,
     ) -> AgentResult<Response> {
-        if process.terminal().unwrap_or(false) {
-            return Err(AgentError::Unsupported {
-                what: "process.terminal (pty) is not done yet".into(),
-            });
-        }
+        let terminal = process.terminal().unwrap_or(false);
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(AgentError::InvalidSpec {
                 reason: "process.args is empty: name the program to run".into(),
@@ -227,31 +305,32 @@ impl Agent {
         std::fs::write(&process_file, json)
             .map_err(|e| io_error(format!("writing {}", process_file.display()), e))?;
 
-        let (ours, child) = PipeStdio::prepare(&*self.transport, &self.ports, stdio)
-            .map_err(|e| io_error("preparing stdio".into(), e))?;
-        let ports = ours.ports;
+        let prepared = self.prepare_stdio(terminal, stdio, &format!("{container_id}-{exec_id}"))?;
         let guard = self.reaper.spawn_guard();
         let built = ContainerBuilder::new(container_id.to_owned(), SyscallType::default())
             .with_root_path(&self.state_root)
-            .map(|b| {
-                b.with_stdin(child.stdin)
-                    .with_stdout(child.stdout)
-                    .with_stderr(child.stderr)
-            })
             .and_then(|b| {
-                b.as_tenant()
+                let (b, finish) = prepared.attach(b);
+                let pid = b
+                    .as_tenant()
                     .with_process(Some(&process_file))
                     .with_detach(true)
-                    .build()
+                    .build()?;
+                Ok((pid, finish))
             });
         let _ = std::fs::remove_file(&process_file);
-        let pid = built.map_err(runtime_error)?;
+        let (pid, finish) = built.map_err(runtime_error)?;
         guard.watch(pid);
         drop(guard);
-        ours.start_relays();
+        let (ports, pty) = finish.start(self).inspect_err(|_| {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        })?;
 
         let registered = self.with_container(container_id, |entry| {
             entry.execs.insert(exec_id.to_owned(), pid);
+            if let Some(master) = pty {
+                entry.ptys.insert(Some(exec_id.to_owned()), master);
+            }
             Ok(())
         });
         if let Err(e) = registered {
@@ -306,6 +385,21 @@ impl Agent {
                     message: "waiting without a timeout returned nothing".into(),
                 })?;
         Ok(Response::Exited { status })
+    }
+
+    pub fn resize_pty(&self, process: &ProcessRef, rows: u16, cols: u16) -> AgentResult<Response> {
+        self.pid_of(process)?;
+        self.with_container(&process.container_id, |entry| {
+            let master =
+                entry
+                    .ptys
+                    .get(&process.exec_id)
+                    .ok_or_else(|| AgentError::InvalidRequest {
+                        reason: "the process has no terminal (process.terminal was false)".into(),
+                    })?;
+            resize(master, rows, cols).map_err(|e| io_error("resizing the pty".into(), e))?;
+            Ok(Response::Done)
+        })
     }
 
     pub fn stats(&self, id: &str) -> AgentResult<Response> {

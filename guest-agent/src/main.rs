@@ -8,6 +8,7 @@
 //! Every syscall and page fault here costs microseconds of emulated guest-kernel time on
 //! PVM hosts (shared/substrate.md), so the start-up path stays short and allocation-light.
 
+mod console;
 mod containers;
 mod init;
 mod ports;

@@ -126,9 +126,11 @@ fn dispatch(agent: &Agent, request: Request) -> Result<Response, AgentError> {
         } => agent.exec_process(&container_id, &exec_id, *process, stdio),
         Request::SignalProcess { process, signal } => agent.signal_process(&process, signal),
         Request::WaitProcess { process } => agent.wait_process(&process),
-        Request::ResizePty { .. } => Err(AgentError::Unsupported {
-            what: "ResizePty: ptys are not done yet".into(),
-        }),
+        Request::ResizePty {
+            process,
+            rows,
+            cols,
+        } => agent.resize_pty(&process, rows, cols),
         Request::Stats { container_id } => agent.stats(&container_id),
         Request::DeleteContainer { id, force } => agent.delete_container(&id, force),
         Request::Shutdown => {

@@ -106,7 +106,6 @@ impl Drop for Listener {
 pub struct Stream(OwnedFd);
 
 impl Stream {
-    #[allow(dead_code)] // for pty relays (not done yet)
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(Stream(self.0.try_clone()?))
     }

@@ -395,3 +395,57 @@ fn version_mismatch_is_refused_by_the_real_agent() {
     // The agent is unharmed and serves the next connection.
     agent.client().ping().unwrap();
 }
+
+#[test]
+fn terminal_process_gets_a_pty_with_the_size_we_set() {
+    let agent = HostAgent::start();
+    let id = unique_id("tty");
+    let mut client = agent.client();
+    let mut spec = spec(&["sh", "-c", "read line; echo \"got $line\"; stty size; tty"]);
+    spec.process_mut()
+        .as_mut()
+        .unwrap()
+        .set_terminal(Some(true));
+    let spawned = client
+        .create_container(&id, spec, agent.rootfs(), StdioRequest::default())
+        .unwrap();
+    assert!(
+        spawned.stdio.stdout.is_none() && spawned.stdio.stderr.is_none(),
+        "a pty replaces the pipes"
+    );
+    let mut pty = agent.connect(spawned.stdio.pty);
+    client.resize_pty(init(&id), 33, 77).unwrap();
+    client.start_container(&id).unwrap();
+    pty.write_all(b"hi\n").unwrap();
+    let out = String::from_utf8_lossy(&read_all(pty)).into_owned();
+    assert!(out.contains("got hi\r\n"), "{out:?}");
+    assert!(out.contains("33 77\r\n"), "{out:?}");
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+    assert_eq!(
+        client.wait_process(init(&id)).unwrap(),
+        ExitStatus::Exited(0)
+    );
+}
+
+#[test]
+fn resizing_a_process_without_terminal_is_a_typed_error() {
+    let agent = HostAgent::start();
+    let id = unique_id("notty");
+    agent.run(&id, &["sleep", "1000"], false);
+    match agent.client().resize_pty(init(&id), 10, 10) {
+        Err(ClientError::Agent(AgentError::InvalidRequest { reason })) => {
+            assert!(reason.contains("no terminal"), "{reason}")
+        }
+        other => panic!("expected InvalidRequest, got {other:?}"),
+    }
+}
+
+#[test]
+fn stats_report_the_container_cgroup() {
+    let agent = HostAgent::start();
+    let id = unique_id("stats");
+    agent.run(&id, &["sleep", "1000"], false);
+    let stats = agent.client().stats(&id).unwrap();
+    let pids = stats["pids"]["current"].as_u64();
+    assert_eq!(pids, Some(1), "one process (sleep) in the cgroup: {stats}");
+}
