@@ -9,7 +9,7 @@
 #   HUSK_BOOT_SMP      vCPUs (default 1)
 #   HUSK_BOOT_TIMEOUT  seconds before giving up (default 600)
 #   HUSK_BOOT_LOG      where the serial log goes (default: a temp file)
-# Exit status 0 when the init marker was seen and QEMU exited by itself.
+# Exit status 0 when the init marker was seen.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -107,6 +107,15 @@ while kill -0 "$qemu" 2>/dev/null; do
         kill "$qemu"
         break
     fi
+    # QEMU microvm has no i8042, so reboot=k cannot reset it: the kernel
+    # spins in kb_wait() polling port 0x64 (30 s to minutes). The test is
+    # over once the marker is out and the kernel started its restart.
+    if grep -q 'reboot: machine restart' "$log"; then
+        sleep 2
+        status=no-reset
+        kill "$qemu" 2>/dev/null || true
+        break
+    fi
     if [ "$(bc <<<"$EPOCHREALTIME - $start > $timeout_s")" = 1 ]; then
         status=timeout
         kill "$qemu"
@@ -118,7 +127,7 @@ wait "$qemu" 2>/dev/null || true
 sleep 0.2 # let the log writer drain
 end=$EPOCHREALTIME
 
-grep -E 'Run /init|uname:|cpus online|smp: Brought up|Kernel panic|'"$marker" "$log" >&2 || true
+grep -E 'Run /init|reboot: machine restart|uname:|cpus online|smp: Brought up|Kernel panic|'"$marker" "$log" >&2 || true
 printf '[boot-test] wall time %.1f s, serial log %s\n' "$(bc <<<"$end - $start")" "$log" >&2
 case $status in
 emulation-failure)
@@ -130,6 +139,7 @@ emulation-failure)
         fn=$(awk -v rip="$rip" '$1 <= rip { f = $3 } END { print f }' <(sort "$map"))
     die "KVM could not emulate an instruction at rip $rip ($fn); see $log" ;;
 timeout) die "timed out after $timeout_s s" ;;
+no-reset) echo "[boot-test] guest restarted; QEMU stopped by the test (microvm has no i8042 reset)" >&2 ;;
 esac
 grep -q "\] $marker" "$log" || die "marker $marker not seen"
 echo "[boot-test] OK" >&2
