@@ -41,6 +41,19 @@ build_kernel() {
     ln -sfn "$vmlinux" "$HUSK_OUT/vmlinux"
 }
 
+# virtiofsd, the virtio-fs backend the VMM starts per sandbox, from crates.io (needs
+# libseccomp-dev and libcap-ng-dev). Cached per version outside the repo; the runtime finds
+# it at target/husk/virtiofsd (or HUSK_VIRTIOFSD, or PATH).
+VIRTIOFSD_VERSION=1.14.0
+install_virtiofsd() {
+    local root="$HUSK_CACHE/virtiofsd-$VIRTIOFSD_VERSION"
+    if [ ! -x "$root/bin/virtiofsd" ]; then
+        stage "virtiofsd $VIRTIOFSD_VERSION (cargo install, ~1 min, cached in $root)"
+        cargo install virtiofsd --version "$VIRTIOFSD_VERSION" --locked --quiet --root "$root"
+    fi
+    ln -sfn "$root/bin/virtiofsd" "$HUSK_OUT/virtiofsd"
+}
+
 build_workspace() {
     stage "cargo build (workspace)"
     cargo build --workspace --all-targets --quiet
@@ -71,6 +84,7 @@ main() {
     install_packages
     check_toolchain
     build_kernel
+    install_virtiofsd
     build_workspace
     build_agent
     build_guest_files

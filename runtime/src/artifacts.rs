@@ -1,8 +1,9 @@
-//! Where the guest kernel and initramfs are found.
+//! Where the guest kernel, the initramfs and virtiofsd are found.
 //!
-//! Order: an explicit path (flag), then `HUSK_KERNEL` / `HUSK_INITRD`, then what the
-//! project's build produced next to the binary (`target/husk/` for `target/*/husk`), then
-//! the system install location `/usr/share/husk/`.
+//! Order: an explicit path (flag), then `HUSK_KERNEL` / `HUSK_INITRD` / `HUSK_VIRTIOFSD`,
+//! then what the project's build produced next to the binary (`target/husk/` for
+//! `target/*/husk`), then the system install location `/usr/share/husk/` (guest files) or
+//! `PATH` (virtiofsd, a host program).
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,8 @@ use std::path::{Path, PathBuf};
 pub enum Artifact {
     Kernel,
     Initrd,
+    /// The vhost-user virtio-fs backend (a host program).
+    Virtiofsd,
 }
 
 impl Artifact {
@@ -18,6 +21,7 @@ impl Artifact {
         match self {
             Artifact::Kernel => "HUSK_KERNEL",
             Artifact::Initrd => "HUSK_INITRD",
+            Artifact::Virtiofsd => "HUSK_VIRTIOFSD",
         }
     }
 
@@ -25,6 +29,7 @@ impl Artifact {
         match self {
             Artifact::Kernel => "vmlinux",
             Artifact::Initrd => "initramfs.cpio",
+            Artifact::Virtiofsd => "virtiofsd",
         }
     }
 
@@ -32,6 +37,15 @@ impl Artifact {
         match self {
             Artifact::Kernel => "guest kernel",
             Artifact::Initrd => "guest initramfs",
+            Artifact::Virtiofsd => "virtiofsd",
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Artifact::Kernel => "--kernel",
+            Artifact::Initrd => "--initrd",
+            Artifact::Virtiofsd => "--virtiofsd",
         }
     }
 }
@@ -39,10 +53,11 @@ impl Artifact {
 /// Errors locating guest artifacts.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum ArtifactError {
-    /// {what} not found (looked in: {looked}); build it with `scripts/setup.sh`, or pass its path with --kernel/--initrd or {env}
+    /// {what} not found (looked in: {looked}); build it with `scripts/setup.sh`, or pass its path with {flag} or {env}
     NotFound {
         what: &'static str,
         looked: String,
+        flag: &'static str,
         env: &'static str,
     },
     /// {what} {path} does not exist; fix the path given with the flag or {env}
@@ -63,7 +78,14 @@ pub fn build_output_dir(exe: &Path) -> Option<PathBuf> {
 pub fn locate(artifact: Artifact, explicit: Option<&Path>) -> Result<PathBuf, ArtifactError> {
     let env = std::env::var_os(artifact.env_var()).map(PathBuf::from);
     let exe = std::env::current_exe().ok();
-    locate_in(artifact, explicit, env.as_deref(), exe.as_deref())
+    let path = std::env::var_os("PATH");
+    locate_in(
+        artifact,
+        explicit,
+        env.as_deref(),
+        exe.as_deref(),
+        path.as_deref(),
+    )
 }
 
 fn locate_in(
@@ -71,6 +93,7 @@ fn locate_in(
     explicit: Option<&Path>,
     env: Option<&Path>,
     exe: Option<&Path>,
+    path_var: Option<&std::ffi::OsStr>,
 ) -> Result<PathBuf, ArtifactError> {
     if let Some(path) = explicit.or(env) {
         return if path.exists() {
@@ -87,13 +110,30 @@ fn locate_in(
     if let Some(dir) = exe.and_then(build_output_dir) {
         candidates.push(dir.join(artifact.file_name()));
     }
-    candidates.push(Path::new("/usr/share/husk").join(artifact.file_name()));
+    match artifact {
+        // A host program: wherever the system installed it.
+        Artifact::Virtiofsd => candidates.extend(
+            path_var
+                .map(|p| {
+                    std::env::split_paths(p)
+                        .map(|d| d.join(artifact.file_name()))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+        ),
+        _ => candidates.push(Path::new("/usr/share/husk").join(artifact.file_name())),
+    }
     if let Some(found) = candidates.iter().find(|p| p.exists()) {
         return Ok(found.clone());
     }
     Err(ArtifactError::NotFound {
         what: artifact.what(),
-        looked: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        looked: candidates
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        flag: artifact.flag(),
         env: artifact.env_var(),
     })
 }
@@ -107,12 +147,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let k = dir.path().join("k");
         std::fs::write(&k, b"x").unwrap();
-        let found = locate_in(Artifact::Kernel, Some(&k), Some(Path::new("/nope")), None);
+        let found = locate_in(
+            Artifact::Kernel,
+            Some(&k),
+            Some(Path::new("/nope")),
+            None,
+            None,
+        );
         assert_eq!(found.unwrap(), k);
-        let err = locate_in(Artifact::Kernel, Some(Path::new("/nope/vmlinux")), None, None)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("/nope/vmlinux") && err.contains("HUSK_KERNEL"), "{err}");
+        let err = locate_in(
+            Artifact::Kernel,
+            Some(Path::new("/nope/vmlinux")),
+            None,
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("/nope/vmlinux") && err.contains("HUSK_KERNEL"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -122,9 +177,67 @@ mod tests {
         let out = dir.path().join("target/husk");
         std::fs::create_dir_all(&out).unwrap();
         std::fs::write(out.join("initramfs.cpio"), b"x").unwrap();
-        let found = locate_in(Artifact::Initrd, None, None, Some(&exe)).unwrap();
+        let found = locate_in(Artifact::Initrd, None, None, Some(&exe), None).unwrap();
         assert_eq!(found, out.join("initramfs.cpio"));
-        let err = locate_in(Artifact::Kernel, None, None, Some(&exe)).unwrap_err().to_string();
+        let err = locate_in(Artifact::Kernel, None, None, Some(&exe), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("scripts/setup.sh"), "{err}");
+    }
+
+    #[test]
+    fn virtiofsd_env_then_build_output_then_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("target/debug/husk");
+        let out = dir.path().join("target/husk");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::create_dir_all(&bin).unwrap();
+        let path_var = std::env::join_paths([Path::new("/nonexistent"), &bin]).unwrap();
+        let v = Artifact::Virtiofsd;
+        // Nowhere yet: the error names the env variable, the flag and setup.
+        let err = locate_in(v, None, None, Some(&exe), Some(&path_var))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("HUSK_VIRTIOFSD")
+                && err.contains("--virtiofsd")
+                && err.contains("scripts/setup.sh"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&bin.join("virtiofsd").display().to_string()),
+            "{err}"
+        );
+        // On PATH only.
+        std::fs::write(bin.join("virtiofsd"), b"x").unwrap();
+        let found = locate_in(v, None, None, Some(&exe), Some(&path_var)).unwrap();
+        assert_eq!(found, bin.join("virtiofsd"));
+        // The build output wins over PATH.
+        std::fs::write(out.join("virtiofsd"), b"x").unwrap();
+        let found = locate_in(v, None, None, Some(&exe), Some(&path_var)).unwrap();
+        assert_eq!(found, out.join("virtiofsd"));
+        // The env variable wins over both, and must exist.
+        let found = locate_in(
+            v,
+            None,
+            Some(&bin.join("virtiofsd")),
+            Some(&exe),
+            Some(&path_var),
+        );
+        assert_eq!(found.unwrap(), bin.join("virtiofsd"));
+        let err = locate_in(
+            v,
+            None,
+            Some(Path::new("/nope/vfsd")),
+            Some(&exe),
+            Some(&path_var),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("/nope/vfsd") && err.contains("HUSK_VIRTIOFSD"),
+            "{err}"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! then on is driven by the VMM event loop (queue notification eventfds) and raises
 //! interrupts through [`Interrupt`].
 
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod vsock;
@@ -48,6 +49,7 @@ pub mod device_type {
     use virtio_bindings::virtio_ids as ids;
 
     pub const VSOCK: u32 = ids::VIRTIO_ID_VSOCK;
+    pub const FS: u32 = ids::VIRTIO_ID_FS;
 }
 
 /// Errors a device reports when the driver sets DRIVER_OK.
@@ -59,6 +61,8 @@ pub enum ActivateError {
     AlreadyActive,
     /// cannot signal or clone an eventfd: {0}
     EventFd(#[source] std::io::Error),
+    /// {0}
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A device model behind a virtio transport.
