@@ -556,3 +556,27 @@ fn missing_share_dir_or_virtiofsd_is_a_clear_error_and_leaves_nothing() {
     );
     assert_eq!(dir_entries(s.run.path()), Vec::<String>::new());
 }
+
+#[test]
+fn attach_places_the_device_on_a_vm_and_announces_it_on_the_kernel_command_line() {
+    use husk::vmm::{BootSource, VmBuilder, VmConfig};
+    let s = setup();
+    let config = VmConfig::new(BootSource::Linux {
+        kernel: PathBuf::from("/not/loaded/by/this/test"),
+        initrd: None,
+        cmdline_extra: String::new(),
+    });
+    let mut builder = VmBuilder::new(config).unwrap();
+    let (fs, slot) = fs::attach_fs_device(&mut builder, &s.config).unwrap();
+    let line = builder.kernel_cmdline().unwrap().as_cstring().unwrap();
+    let line = line.to_string_lossy();
+    let expected = format!("virtio_mmio.device=4K@{:#x}:{}", slot.base, slot.irq);
+    assert!(line.contains(&expected), "{expected} not in {line}");
+    // The transport on the VM's bus is the virtio-fs one.
+    let mut id = [0u8; 4];
+    fs.transport.lock().unwrap().read(DEVICE_ID, &mut id);
+    assert_eq!(u32::from_le_bytes(id), 26);
+    drop(builder);
+    drop(fs);
+    assert_eq!(dir_entries(s.run.path()), Vec::<String>::new());
+}
