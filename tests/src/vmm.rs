@@ -94,3 +94,34 @@ pub fn until_power_off() -> RunOptions {
         ready_timeout: Some(Duration::from_secs(30)),
     }
 }
+
+/// The workspace's build output directory for guest artifacts (`scripts/setup.sh`).
+pub fn workspace_artifact_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/husk")
+}
+
+/// The guest kernel or initramfs for full-path tests: `HUSK_KERNEL` / `HUSK_INITRD`, else
+/// `target/husk/`. Fails (never skips) with the way to get it when it is missing.
+pub fn guest_artifact(artifact: husk::artifacts::Artifact) -> std::path::PathBuf {
+    use husk::artifacts::{locate, Artifact};
+    let (name, var) = match artifact {
+        Artifact::Kernel => ("vmlinux", "HUSK_KERNEL"),
+        Artifact::Initrd => ("initramfs.cpio", "HUSK_INITRD"),
+        other => panic!("{other:?} is not a guest artifact"),
+    };
+    let in_target = workspace_artifact_dir().join(name);
+    let use_target = std::env::var_os(var).is_none() && in_target.exists();
+    locate(artifact, use_target.then_some(in_target.as_path()))
+        .unwrap_or_else(|e| panic!("full-path VM tests need the guest artifacts: {e}"))
+}
+
+/// The `husk` binary of this workspace (built by `cargo build -p husk`).
+pub fn husk_binary() -> std::path::PathBuf {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/husk");
+    assert!(
+        bin.exists(),
+        "{} is missing; run `cargo build -p husk` first",
+        bin.display()
+    );
+    bin
+}

@@ -4,6 +4,9 @@
 //! On PVM hosts the CPUID model also picks the guest's code paths (shared/substrate.md):
 //! QEMU only boots with x2APIC and XSAVEERPTR present, the latter because without it an
 //! AMD guest takes the "FXSAVE leaks FOP/FIP" path and stops on an emulated `fnclex`.
+//! CX16 is hidden because SLUB then uses `cmpxchg16b`, which PVM's emulator lacks (the
+//! first boot stopped in `__cmpxchg_double_slab` on `lock cmpxchg16b`); without it SLUB
+//! takes a lock instead, on every host.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
@@ -29,6 +32,7 @@ const LEAF_EXT_ADDR_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_CACHE_TOPOLOGY: u32 = 0x8000_001d;
 const LEAF_AMD_PROC_TOPOLOGY: u32 = 0x8000_001e;
 
+const ECX_CX16: u32 = 1 << 13;
 const ECX_X2APIC: u32 = 1 << 21;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
@@ -59,7 +63,7 @@ pub fn normalize_for_vcpu(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8
                 // EBX: APIC id [31:24], logical processors per package [23:16], CLFLUSH
                 // line size in 8-byte units [15:8].
                 e.ebx = (apic_id << 24) | (cpus << 16) | (8 << 8) | (e.ebx & 0xff);
-                e.ecx |= ECX_HYPERVISOR | ECX_X2APIC;
+                e.ecx = (e.ecx | ECX_HYPERVISOR | ECX_X2APIC) & !ECX_CX16;
                 if cpus > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -153,7 +157,7 @@ mod tests {
 
     fn sample() -> Vec<kvm_cpuid_entry2> {
         vec![
-            entry(LEAF_FEATURES, 0, 0x00a2_0f12, 0xff00_0000, 0, 0),
+            entry(LEAF_FEATURES, 0, 0x00a2_0f12, 0xff00_0000, ECX_CX16, 0),
             entry(LEAF_CACHE_PARAMS, 0, 0x121, 0, 0, 0), // L1 data
             entry(LEAF_CACHE_PARAMS, 3, 0x163, 0, 0, 0), // L3 unified
             entry(LEAF_PERFMON, 0, 0x0803_0002, 1, 2, 3),
@@ -207,6 +211,7 @@ mod tests {
         assert_ne!(leaf1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(leaf1.ecx & ECX_X2APIC, 0);
         assert_eq!(leaf1.edx & EDX_HTT, 0);
+        assert_eq!(leaf1.ecx & ECX_CX16, 0, "cmpxchg16b must be hidden");
         let hv = find(&e, LEAF_HYPERVISOR, 0);
         let sig: Vec<u8> = [hv.ebx, hv.ecx, hv.edx]
             .iter()

@@ -1,0 +1,133 @@
+//! Full path: the project's guest kernel and initramfs (agent as /init) boot in the VMM
+//! until the agent signals ready. Minutes each on PVM hosts (shared/substrate.md), so few.
+//! They fail, not skip, when /dev/kvm, the kernel or the initramfs is missing.
+
+use std::process::Command;
+use std::time::Duration;
+
+use husk::artifacts::Artifact;
+use husk::host::HostMode;
+use husk::vmm::{
+    BootSource, ConsoleOutput, GuestExit, RunOptions, SharedBuffer, VmBuilder, VmConfig,
+};
+use husk_tests::vmm::{guest_artifact, husk_binary, require_kvm};
+
+/// Generous: the target is ready within 90 s of VMM start, but tests may share the two
+/// cores with builds and with each other.
+const READY_TIMEOUT: Duration = Duration::from_secs(400);
+
+fn boot_until_ready(vcpus: u8, mem_mib: u64) -> String {
+    require_kvm();
+    let console = SharedBuffer::default();
+    let config = VmConfig {
+        vcpus,
+        mem_mib,
+        boot: BootSource::Linux {
+            kernel: guest_artifact(Artifact::Kernel),
+            initrd: Some(guest_artifact(Artifact::Initrd)),
+            cmdline_extra: String::new(),
+        },
+        console: ConsoleOutput::Buffer(console.clone()),
+        console_input: false,
+        host_mode: HostMode::detect(),
+    };
+    let mut vm = VmBuilder::new(config)
+        .expect("build VM")
+        .start()
+        .expect("start VM");
+    let opts = RunOptions {
+        until_ready: true,
+        ready_timeout: Some(READY_TIMEOUT),
+    };
+    let outcome = vm.wait(opts).unwrap_or_else(|e| {
+        panic!(
+            "guest did not become ready: {e}\nconsole:\n{}",
+            console.text()
+        )
+    });
+    let text = console.text();
+    assert_eq!(outcome.exit, GuestExit::Ready, "console:\n{text}");
+    let ready = outcome.ready_after.expect("ready time");
+    eprintln!(
+        "{vcpus} vCPU / {mem_mib} MiB: ready after {} ms",
+        ready.as_millis()
+    );
+    assert!(text.contains("Run /init"), "console:\n{text}");
+    text
+}
+
+#[test]
+fn linux_guest_with_one_vcpu_boots_until_the_agent_is_ready() {
+    let console = boot_until_ready(1, 128);
+    assert!(console.contains("Processors: 1"), "console:\n{console}");
+}
+
+#[test]
+fn linux_guest_with_two_vcpus_brings_up_both_cpus_and_becomes_ready() {
+    let console = boot_until_ready(2, 256);
+    assert!(
+        console.contains("Processors: 2"),
+        "MP table must list 2 CPUs:\n{console}"
+    );
+    assert!(
+        console.contains("Brought up 1 node, 2 CPUs"),
+        "second CPU must start:\n{console}"
+    );
+}
+
+/// `husk vmm boot` without --until-ready: the agent powers off right after ready (through
+/// the i8042 reset), the command exits 0 and its last line is the boot time.
+#[test]
+fn husk_vmm_boot_ends_when_the_guest_powers_off() {
+    require_kvm();
+    let out = Command::new(husk_binary())
+        .args([
+            "vmm",
+            "boot",
+            "--timeout",
+            &READY_TIMEOUT.as_secs().to_string(),
+        ])
+        .arg("--kernel")
+        .arg(guest_artifact(Artifact::Kernel))
+        .arg("--initrd")
+        .arg(guest_artifact(Artifact::Initrd))
+        .output()
+        .expect("run husk vmm boot");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "status {}\nstderr: {stderr}\nstdout:\n{stdout}",
+        out.status
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("boot: ready after ") && last.ends_with(" ms"),
+        "last line {last:?}"
+    );
+    assert!(stdout.contains("husk-agent: ready"), "stdout:\n{stdout}");
+}
+
+#[test]
+fn husk_vmm_boot_rejects_a_kernel_that_is_not_elf() {
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("bzImage");
+    std::fs::write(&bogus, b"MZ not an ELF").unwrap();
+    let out = Command::new(husk_binary())
+        .args(["vmm", "boot", "--until-ready", "--kernel"])
+        .arg(&bogus)
+        .arg("--initrd")
+        .arg(&bogus)
+        .output()
+        .expect("run husk vmm boot");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("not a loadable ELF vmlinux"),
+        "stderr: {stderr}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().last(),
+        Some("boot: no ready signal")
+    );
+}
