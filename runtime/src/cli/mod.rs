@@ -126,7 +126,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            let msg = format!("{e:#}");
+            let msg = message(&e);
             eprintln!("husk: {msg}");
             if let Some(path) = &global.log {
                 log::error(path, global.log_format, &msg);
@@ -134,6 +134,22 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once (library errors often embed
+/// their source's text already).
+fn message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
 }
 
 fn dispatch(command: Command, g: &Global) -> anyhow::Result<ExitCode> {
@@ -160,6 +176,17 @@ fn dispatch(command: Command, g: &Global) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_message_names_each_cause_once() {
+        let inner = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(inner)
+            .context("writing state")
+            .context("writing state: disk on fire");
+        assert_eq!(message(&e), "writing state: disk on fire");
+        let e = anyhow::anyhow!("low").context("high");
+        assert_eq!(message(&e), "high: low");
+    }
 
     #[test]
     fn command_definition_is_consistent() {
