@@ -10,6 +10,7 @@ APT_PACKAGES=(
     build-essential pkg-config   # C toolchain for -sys crates and the kernel
     libseccomp-dev libcap-ng-dev # libcontainer (static libseccomp.a for the agent), virtiofsd
     busybox-static cpio          # the demo/test rootfs; cpio for inspecting initramfs files
+    runc                         # reference runtime for the CLI conformance suite
     flex bison libelf-dev bc xz-utils linux-source-6.1 # the guest kernel
 )
 
