@@ -48,7 +48,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let overlaps = self
             .devices
             .keys()
@@ -64,7 +66,12 @@ impl Bus {
     pub fn resolve(&self, addr: u64) -> Option<(&SharedDevice, u64)> {
         let (range, dev) = self
             .devices
-            .range(..=Range { base: addr, len: u64::MAX })
+            .range(
+                ..=Range {
+                    base: addr,
+                    len: u64::MAX,
+                },
+            )
             .next_back()?;
         let offset = addr - range.base;
         (offset < range.len).then_some((dev, offset))
@@ -74,7 +81,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, offset)) => {
-                dev.lock().expect("bus device lock poisoned").read(offset, data);
+                dev.lock()
+                    .expect("bus device lock poisoned")
+                    .read(offset, data);
                 true
             }
             None => {
@@ -88,7 +97,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((dev, offset)) => {
-                dev.lock().expect("bus device lock poisoned").write(offset, data);
+                dev.lock()
+                    .expect("bus device lock poisoned")
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -136,13 +147,22 @@ mod tests {
         bus.insert(d.clone(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(d.clone(), 0x10f, 1),
-            Err(BusError::Overlap { base: 0x10f, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(d.clone(), 0xf0, 0x11),
-            Err(BusError::Overlap { base: 0xf0, len: 0x11 })
+            Err(BusError::Overlap {
+                base: 0xf0,
+                len: 0x11
+            })
         );
-        assert_eq!(bus.insert(d.clone(), 0x50, 0), Err(BusError::ZeroLength(0x50)));
+        assert_eq!(
+            bus.insert(d.clone(), 0x50, 0),
+            Err(BusError::ZeroLength(0x50))
+        );
         bus.insert(d, 0x110, 1).unwrap();
     }
 }
