@@ -2,6 +2,8 @@
 //! one fails with its name, not a cryptic ioctl error later), KVM's private pages placed in
 //! the MMIO hole, the in-kernel irqchip and PIT, and guest RAM registered as memory slots.
 
+use std::ffi::CStr;
+
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -13,9 +15,12 @@ use super::memory::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 /// Errors setting up KVM.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum KvmError {
-    /// cannot open /dev/kvm: {0}; load the kvm module (kvm_intel, kvm_amd or kvm_pvm) and make /dev/kvm readable and writable for this user
-    Open(kvm_ioctls::Error),
-    /// /dev/kvm speaks API version {0}, husk needs 12
+    /// cannot open {path}: {source}; load the kvm module (kvm_intel, kvm_amd or kvm_pvm) and make {path} readable and writable for this user
+    Open {
+        path: String,
+        source: kvm_ioctls::Error,
+    },
+    /// the KVM device answers API version {0} (-1: not a KVM device); husk needs 12
     ApiVersion(i32),
     /// this KVM lacks {0}, which husk needs
     MissingCap(&'static str),
@@ -43,9 +48,20 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
 ];
 
+/// The KVM device.
+pub const KVM_PATH: &CStr = c"/dev/kvm";
+
 /// Opens /dev/kvm and checks it can run a husk VM with `vcpus` vCPUs.
 pub fn open_kvm(vcpus: u8) -> Result<Kvm, KvmError> {
-    let kvm = Kvm::new().map_err(KvmError::Open)?;
+    open_kvm_at(KVM_PATH, vcpus)
+}
+
+/// Opens the KVM device at `path` (tests use a path that cannot work).
+pub fn open_kvm_at(path: &CStr, vcpus: u8) -> Result<Kvm, KvmError> {
+    let kvm = Kvm::new_with_path(path).map_err(|source| KvmError::Open {
+        path: path.to_string_lossy().into_owned(),
+        source,
+    })?;
     let version = kvm.get_api_version();
     if version != KVM_API_VERSION as i32 {
         return Err(KvmError::ApiVersion(version));
@@ -103,4 +119,24 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError>
             .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unusable_kvm_device_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_kvm = dir.path().join("kvm");
+        std::fs::write(&not_kvm, b"").unwrap();
+        let missing = std::ffi::CString::new(dir.path().join("nope").to_str().unwrap()).unwrap();
+        let err = open_kvm_at(&missing, 1).unwrap_err().to_string();
+        assert!(err.contains("cannot open") && err.contains("nope"), "{err}");
+        assert!(err.contains("readable and writable"), "{err}");
+        // A regular file opens but is not KVM: the version ioctl fails, and we say so.
+        let plain = std::ffi::CString::new(not_kvm.to_str().unwrap()).unwrap();
+        let err = open_kvm_at(&plain, 1).unwrap_err().to_string();
+        assert!(err.contains("API version"), "{err}");
+    }
 }
