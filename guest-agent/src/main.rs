@@ -11,6 +11,7 @@
 mod console;
 mod containers;
 mod init;
+mod network;
 mod ports;
 mod reaper;
 mod server;

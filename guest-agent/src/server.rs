@@ -137,5 +137,28 @@ fn dispatch(agent: &Agent, request: Request) -> Result<Response, AgentError> {
             agent.delete_all();
             Ok(Response::Done)
         }
+        Request::ConfigureNetwork { config } => configure_network(&config),
     }
+}
+
+/// Only PID 1 owns the network it would change: on the host (tier-2 tests) the same
+/// request would reconfigure the host's own interfaces.
+fn configure_network(
+    config: &husk_protocol::messages::NetworkConfig,
+) -> Result<Response, AgentError> {
+    if std::process::id() != 1 {
+        return Err(AgentError::Unsupported {
+            what: "ConfigureNetwork outside a VM (it would change the host's interfaces)".into(),
+        });
+    }
+    crate::network::configure(config).map_err(|e| match e {
+        crate::network::NetworkError::NoInterface { .. } => AgentError::InvalidRequest {
+            reason: e.to_string(),
+        },
+        e => AgentError::Io {
+            context: "configuring the guest network".into(),
+            message: e.to_string(),
+        },
+    })?;
+    Ok(Response::Done)
 }

@@ -4,6 +4,7 @@
 //! concurrency by opening more control connections (each starts with `Hello`): a
 //! `WaitProcess` blocks only its own connection.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use oci_spec::runtime::{Process, Spec};
@@ -14,7 +15,7 @@ use crate::error::AgentError;
 /// Version of the messages in this module. Bump it on any incompatible change: the
 /// `Hello` exchange then fails with [`AgentError::VersionMismatch`] on both sides instead of
 /// a confusing decode error later.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Which standard streams the host wants for a new process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -59,6 +60,43 @@ impl ExitStatus {
 pub struct ProcessRef {
     pub container_id: String,
     pub exec_id: Option<String>,
+}
+
+/// An IPv4 address with its prefix length, as in `10.200.0.2/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// One route through a guest interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipv4Route {
+    /// `None` is the default route.
+    pub dest: Option<Ipv4Net>,
+    /// `None` for a route to a directly attached network.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// A guest network interface, configured as the container engine configured the
+/// interface in the container's network namespace on the host. IPv4 only: the guest
+/// kernel has no IPv6.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// The name the interface gets in the guest (the namespace interface's name).
+    pub name: String,
+    /// The virtio-net device's MAC address; the agent finds the guest interface by it.
+    pub mac: [u8; 6],
+    pub mtu: u16,
+    pub addresses: Vec<Ipv4Net>,
+    /// In the order they must be added (routes to directly attached networks first).
+    pub routes: Vec<Ipv4Route>,
+}
+
+/// The guest's network: what `ConfigureNetwork` applies in the guest's own namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NetworkConfig {
+    pub interfaces: Vec<NetInterface>,
 }
 
 /// A request from the host.
@@ -111,6 +149,11 @@ pub enum Request {
     },
     /// Kills every container and powers the VM off (on the host: the agent exits).
     Shutdown,
+    /// Configures the guest's network interfaces (addresses, MTU, routes) in the guest's
+    /// own network namespace; sent before `CreateContainer` for containers that share it.
+    ConfigureNetwork {
+        config: NetworkConfig,
+    },
 }
 
 /// The agent's answer to one [`Request`].
@@ -155,6 +198,60 @@ impl Request {
             Request::Stats { .. } => "stats",
             Request::DeleteContainer { .. } => "delete_container",
             Request::Shutdown => "shutdown",
+            Request::ConfigureNetwork { .. } => "configure_network",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::framing::{read_frame, write_frame};
+
+    #[test]
+    fn configure_network_round_trips_through_a_frame() {
+        let net = |a: [u8; 4], prefix_len| Ipv4Net {
+            addr: Ipv4Addr::from(a),
+            prefix_len,
+        };
+        let request = Request::ConfigureNetwork {
+            config: NetworkConfig {
+                interfaces: vec![NetInterface {
+                    name: "eth0".into(),
+                    mac: [0x02, 0x42, 0xac, 0x11, 0x00, 0x02],
+                    mtu: 1450,
+                    addresses: vec![net([10, 200, 0, 2], 24)],
+                    routes: vec![
+                        Ipv4Route {
+                            dest: Some(net([10, 9, 0, 0], 16)),
+                            gateway: None,
+                        },
+                        Ipv4Route {
+                            dest: None,
+                            gateway: Some(Ipv4Addr::new(10, 200, 0, 1)),
+                        },
+                    ],
+                }],
+            },
+        };
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &request).unwrap();
+        let back: Request = read_frame(&mut wire.as_slice()).unwrap();
+        assert_eq!(back, request);
+        assert_eq!(back.name(), "configure_network");
+        // The wire form is readable JSON: addresses as dotted quads, the tag in "type".
+        let json: serde_json::Value = serde_json::to_value(&request).unwrap();
+        assert_eq!(json["type"], "configure_network");
+        let iface = &json["config"]["interfaces"][0];
+        assert_eq!(iface["addresses"][0]["addr"], "10.200.0.2");
+        assert_eq!(iface["routes"][1]["dest"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn configure_network_with_a_bad_address_is_a_decode_error() {
+        let bad = r#"{"type":"configure_network","config":{"interfaces":[{"name":"eth0",
+            "mac":[2,0,0,0,0,1],"mtu":1500,"addresses":[{"addr":"10.0.0.300","prefix_len":8}],
+            "routes":[]}]}}"#;
+        assert!(serde_json::from_str::<Request>(bad).is_err());
     }
 }
