@@ -4,6 +4,7 @@
 
 pub mod artifacts;
 pub mod host;
+pub mod net;
 pub mod oci;
 pub mod sandbox;
 pub mod vmm;

@@ -9,6 +9,7 @@
 pub mod fs;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 #[cfg(test)]
@@ -48,6 +49,7 @@ pub mod features {
 pub mod device_type {
     use virtio_bindings::virtio_ids as ids;
 
+    pub const NET: u32 = ids::VIRTIO_ID_NET;
     pub const VSOCK: u32 = ids::VIRTIO_ID_VSOCK;
     pub const FS: u32 = ids::VIRTIO_ID_FS;
 }
