@@ -2,6 +2,7 @@
 //! RAM, the command line, and the zero page (`boot_params`) with the e820 map.
 
 use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
@@ -27,6 +28,12 @@ pub enum LoaderError {
     /// kernel {path} is not a loadable ELF vmlinux ({source}); pass the uncompressed vmlinux from the kernel build, not a bzImage
     NotElf {
         path: String,
+        source: linux_loader::loader::Error,
+    },
+    /// kernel {path} does not fit in {mem_mib} MiB of guest memory ({source}); raise --mem-mib
+    KernelTooBig {
+        path: String,
+        mem_mib: u64,
         source: linux_loader::loader::Error,
     },
     /// cannot read initramfs {path}: {source}
@@ -69,15 +76,28 @@ const PAGE_SIZE: u64 = 0x1000;
 /// Loads the ELF kernel at its physical addresses (at or above 1 MiB).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64), LoaderError> {
     let shown = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| LoaderError::OpenKernel {
+    let open_err = |source| LoaderError::OpenKernel {
         path: shown.clone(),
         source,
-    })?;
+    };
+    let mut file = File::open(path).map_err(open_err)?;
+    let mut magic = [0u8; 4];
+    let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
     let loaded =
         Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
-            LoaderError::NotElf {
-                path: shown,
-                source,
+            if is_elf {
+                // An ELF that fails to load almost always ends past the end of RAM.
+                let mem_mib = (mem.last_addr().0 + 1) >> 20;
+                LoaderError::KernelTooBig {
+                    path: shown.clone(),
+                    mem_mib,
+                    source,
+                }
+            } else {
+                LoaderError::NotElf {
+                    path: shown.clone(),
+                    source,
+                }
             }
         })?;
     Ok((loaded.kernel_load.0, loaded.kernel_end))
@@ -233,5 +253,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--kernel"), "{err}");
+    }
+
+    #[test]
+    fn elf_kernel_beyond_guest_memory_asks_for_more_memory() {
+        // A minimal ELF64 header with one PT_LOAD segment at 64 MiB: past 16 MiB of RAM.
+        let mut elf = vec![0u8; 0x1000];
+        elf[0..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2; // 64-bit
+        elf[5] = 1; // little endian
+        elf[6] = 1; // version
+        elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        elf[18..20].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+        elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+        elf[24..32].copy_from_slice(&0x400_0000u64.to_le_bytes()); // entry
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // program headers right after
+        elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+        let ph = &mut elf[64..120];
+        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[8..16].copy_from_slice(&0x200u64.to_le_bytes()); // file offset
+        ph[24..32].copy_from_slice(&0x400_0000u64.to_le_bytes()); // physical address
+        ph[32..40].copy_from_slice(&0x100u64.to_le_bytes()); // file size
+        ph[40..48].copy_from_slice(&0x100u64.to_le_bytes()); // memory size
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmlinux");
+        std::fs::write(&path, &elf).unwrap();
+        let mem = crate::vmm::memory::create_guest_memory(16).unwrap();
+        let err = load_kernel(&mem, &path).unwrap_err().to_string();
+        assert!(
+            err.contains("does not fit in 16 MiB") && err.contains("--mem-mib"),
+            "{err}"
+        );
     }
 }
