@@ -4,7 +4,9 @@
 
 pub mod artifacts;
 pub mod host;
+pub mod jailer;
 pub mod net;
 pub mod oci;
 pub mod sandbox;
+pub mod seccomp;
 pub mod vmm;
