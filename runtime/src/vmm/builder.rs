@@ -235,7 +235,7 @@ impl VmBuilder {
                         },
                     }
                 })?;
-                let vcpu_cpuid = cpuid::vcpu_cpuid(&supported_cpuid, index, self.vcpus);
+                let vcpu_cpuid = cpuid::vcpu_cpuid(&supported_cpuid, index, self.vcpus)?;
                 fd.set_cpuid2(&vcpu_cpuid)
                     .map_err(|source| cpuid::CpuidError::Set { index, source })?;
                 msrs::setup_msrs(&fd, &supported_msrs)?;

@@ -8,7 +8,9 @@
 //! first boot stopped in `__cmpxchg_double_slab` on `lock cmpxchg16b`); without it SLUB
 //! takes a lock instead, on every host.
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::Kvm;
 
 /// Errors building the guest CPUID.
@@ -16,6 +18,8 @@ use kvm_ioctls::Kvm;
 pub enum CpuidError {
     /// KVM_GET_SUPPORTED_CPUID failed: {0}
     Supported(kvm_ioctls::Error),
+    /// the CPUID table is full ({0})
+    Full(vmm_sys_util::fam::Error),
     /// KVM_SET_CPUID2 on vCPU {index} failed: {source}
     Set {
         index: u8,
@@ -70,7 +74,8 @@ pub fn normalize_for_vcpu(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8
                     e.edx &= !EDX_HTT;
                 }
             }
-            LEAF_CACHE_PARAMS => {
+            // Type 0 means "no more caches" (and AMD leaves leaf 4 empty): keep it empty.
+            LEAF_CACHE_PARAMS if e.eax & 0x1f != 0 => {
                 // EAX: cores per package - 1 [31:26]; threads sharing this cache - 1
                 // [25:14]: caches up to L2 are private, L3 is shared by all cores.
                 let level = (e.eax >> 5) & 0x7;
@@ -118,11 +123,38 @@ pub fn normalize_for_vcpu(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8
     }
 }
 
+/// KVM may list only subleaf 0 of leaf 0xb (it does on the PVM hosts here). Linux then
+/// finds no core level, shifts APIC ids by 0 to get the package, and puts every vCPU in
+/// its own package ("Max logical packages: 2"). Adds the core level and the terminator.
+fn ensure_ext_topology_subleaves(cpuid: &mut CpuId) -> Result<(), CpuidError> {
+    let has = |c: &CpuId, index: u32| {
+        c.as_slice()
+            .iter()
+            .any(|e| e.function == LEAF_EXT_TOPOLOGY && e.index == index)
+    };
+    if !has(cpuid, 0) {
+        return Ok(());
+    }
+    for index in 1..=2 {
+        if !has(cpuid, index) {
+            let entry = kvm_cpuid_entry2 {
+                function: LEAF_EXT_TOPOLOGY,
+                index,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                ..Default::default()
+            };
+            cpuid.push(entry).map_err(CpuidError::Full)?;
+        }
+    }
+    Ok(())
+}
+
 /// The CPUID for vCPU `index` of `count`.
-pub fn vcpu_cpuid(supported: &CpuId, index: u8, count: u8) -> CpuId {
+pub fn vcpu_cpuid(supported: &CpuId, index: u8, count: u8) -> Result<CpuId, CpuidError> {
     let mut cpuid = supported.clone();
+    ensure_ext_topology_subleaves(&mut cpuid)?;
     normalize_for_vcpu(cpuid.as_mut_slice(), index, count);
-    cpuid
+    Ok(cpuid)
 }
 
 #[cfg(test)]
@@ -222,6 +254,26 @@ mod tests {
         let pmu = find(&e, LEAF_PERFMON, 0);
         assert_eq!((pmu.eax, pmu.ebx, pmu.ecx, pmu.edx), (0, 0, 0, 0));
         assert_ne!(find(&e, LEAF_EXT_ADDR_SIZES, 0).ebx & EBX_XSAVEERPTR, 0);
+    }
+
+    #[test]
+    fn a_missing_core_level_is_added_so_all_vcpus_share_one_package() {
+        let only_smt = [
+            entry(LEAF_EXT_TOPOLOGY, 0, 0, 0, 0, 0),
+            entry(LEAF_CACHE_PARAMS, 0, 0, 0, 0, 0),
+        ];
+        let supported = CpuId::from_entries(&only_smt).unwrap();
+        let cpuid = vcpu_cpuid(&supported, 1, 2).unwrap();
+        let e = cpuid.as_slice();
+        let core = find(e, LEAF_EXT_TOPOLOGY, 1);
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (1, 2, 0x201, 1));
+        assert_eq!(find(e, LEAF_EXT_TOPOLOGY, 2).ecx, 2);
+        assert_ne!(core.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX, 0);
+        assert_eq!(
+            find(e, LEAF_CACHE_PARAMS, 0).eax,
+            0,
+            "an empty leaf 4 stays empty"
+        );
     }
 
     #[test]
