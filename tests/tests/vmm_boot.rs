@@ -73,6 +73,11 @@ fn linux_guest_with_two_vcpus_brings_up_both_cpus_and_becomes_ready() {
         console.contains("Brought up 1 node, 2 CPUs"),
         "second CPU must start:\n{console}"
     );
+    // CPUID topology: both vCPUs are cores of one package (not one package each).
+    assert!(
+        console.contains("Max logical packages: 1"),
+        "one package:\n{console}"
+    );
 }
 
 /// `husk vmm boot` without --until-ready: the agent powers off right after ready (through
