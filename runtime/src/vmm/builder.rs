@@ -274,7 +274,6 @@ impl VmBuilder {
         }
         Ok(Vm::new(VmParts {
             start: self.start,
-            kvm: self.kvm,
             vm: self.vm,
             mem: self.mem,
             vcpus: handles,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -73,7 +73,6 @@ pub struct VmOutcome {
 /// What the builder hands over.
 pub(super) struct VmParts {
     pub start: Instant,
-    pub kvm: Kvm,
     pub vm: VmFd,
     pub mem: GuestMemoryMmap,
     pub vcpus: Vec<VcpuHandle>,
@@ -107,6 +106,11 @@ impl Vm {
     /// Guest memory (tests read what guest programs wrote).
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.parts.mem
+    }
+
+    /// The VM fd (e.g. for KVM_GET_STATS_FD exit counters).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.parts.vm
     }
 
     /// The virtio-mmio devices placed on the bus.
@@ -271,6 +275,5 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop_vcpus();
-        let _ = (&self.parts.kvm, &self.parts.vm);
     }
 }

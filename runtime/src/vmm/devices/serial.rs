@@ -202,6 +202,21 @@ mod tests {
     }
 
     #[test]
+    fn file_console_appends_what_the_guest_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, b"earlier\n").unwrap();
+        let trigger = EventFdTrigger::new().unwrap();
+        let out = ConsoleOutput::File(path.clone()).into_writer().unwrap();
+        let mut dev = SerialDevice::new(trigger, out);
+        for b in b"guest\n" {
+            dev.write(THR, &[*b]);
+        }
+        drop(dev);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "earlier\nguest\n");
+    }
+
+    #[test]
     fn input_is_readable_and_interrupts() {
         let (mut dev, _out, irq) = device();
         dev.write(IER, &[0x01]); // received-data interrupt on
