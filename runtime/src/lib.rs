@@ -3,6 +3,7 @@
 //! The library does the work; `src/main.rs` and `src/cli/` are a thin command line over it.
 
 pub mod artifacts;
+pub mod daemon;
 pub mod host;
 pub mod jailer;
 pub mod net;

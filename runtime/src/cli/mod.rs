@@ -22,6 +22,7 @@ mod state;
 mod update;
 mod vmm;
 mod vmm_boot;
+mod vmm_daemon;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -6,10 +6,18 @@ use std::process::ExitCode;
 pub enum Command {
     /// Boot a guest kernel and stream its console to stdout (debugging, benchmarks).
     Boot(super::vmm_boot::Args),
+    /// The per-VM daemon started by `husk create` (internal).
+    #[command(hide = true)]
+    Daemon(super::vmm_daemon::DaemonArgs),
+    /// The host process of one `husk exec` in a VM (internal).
+    #[command(hide = true)]
+    ExecRelay(super::vmm_daemon::ExecRelayArgs),
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Boot(args) => super::vmm_boot::run(args),
+        Command::Daemon(args) => super::vmm_daemon::daemon(args),
+        Command::ExecRelay(args) => super::vmm_daemon::exec_relay(args),
     }
 }

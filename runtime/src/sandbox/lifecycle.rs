@@ -237,17 +237,15 @@ mod tests {
             r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0}}}"#,
         )
         .unwrap();
-        let err = create(
-            &store,
-            "c",
-            &bundle,
-            Some(Isolation::Vm),
-            &Default::default(),
-            None,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("not available yet"), "{err}");
+        // Refused before any daemon starts: host fds cannot cross into a guest.
+        let opts = CreateOptions {
+            preserve_fds: 1,
+            ..Default::default()
+        };
+        let err = create(&store, "c", &bundle, Some(Isolation::Vm), &opts, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--preserve-fds is not supported"), "{err}");
         assert!(store.list().unwrap().is_empty());
         assert_eq!(std::fs::read_dir(store.root()).unwrap().count(), 0);
         let err = state(&store, "c").unwrap_err().to_string();

@@ -3,9 +3,8 @@
 //! [`lifecycle`]) and a backend:
 //!
 //! - [`container::ContainerSandbox`]: `--isolation container`, libcontainer on the host.
-//! - the `vm` backend (one microVM per sandbox, the `husk vmm` daemon, the guest agent)
-//!   plugs in here by implementing [`Sandbox`] and being returned by [`backend`]; until
-//!   then `--isolation vm` fails with [`SandboxError::VmNotAvailable`].
+//! - [`vm::VmSandbox`]: `--isolation vm`, one microVM per container run by the
+//!   `husk vmm` daemon ([`crate::daemon`]) with the guest agent.
 //!
 //! Every method gets the container's locked store [`Entry`]: backends keep their own
 //! files in `entry.dir()`.
@@ -13,6 +12,7 @@
 pub mod container;
 pub mod lifecycle;
 pub mod signal;
+pub mod vm;
 
 use std::path::PathBuf;
 
@@ -58,8 +58,6 @@ pub struct ExecOptions {
 /// Errors of sandbox backends.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum SandboxError {
-    /// --isolation vm is not available yet in this build (the microVM backend is being written); use --isolation container, or annotation io.husk.isolation=container
-    VmNotAvailable,
     /// container {id}: {op} failed: {message}
     Backend {
         id: String,
@@ -113,7 +111,7 @@ pub trait Sandbox {
 pub fn backend(isolation: Isolation) -> Result<Box<dyn Sandbox>, SandboxError> {
     match isolation {
         Isolation::Container => Ok(Box::new(container::ContainerSandbox)),
-        Isolation::Vm => Err(SandboxError::VmNotAvailable),
+        Isolation::Vm => Ok(Box::new(vm::VmSandbox)),
     }
 }
 
@@ -122,12 +120,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vm_backend_says_it_is_not_available() {
-        let err = backend(Isolation::Vm).err().unwrap().to_string();
-        assert!(
-            err.contains("not available yet") && err.contains("--isolation container"),
-            "{err}"
-        );
+    fn both_isolation_levels_have_a_backend() {
+        assert!(backend(Isolation::Vm).is_ok());
         assert!(backend(Isolation::Container).is_ok());
     }
 }
