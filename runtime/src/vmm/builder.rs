@@ -20,6 +20,7 @@ use super::devices::trigger::EventFdTrigger;
 use super::devices::{Bus, BusError, SharedDevice};
 use super::kvm::{self, KvmError};
 use super::memory::{self, MemoryError, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use super::snapshot::{LoadedSnapshot, SnapshotError};
 use super::vcpu::{Vcpu, VcpuError};
 use super::vm::{Vm, VmParts};
 use crate::host::HostMode;
@@ -56,6 +57,8 @@ pub enum BuildError {
     },
     /// no interrupt left for another virtio-mmio device (IRQs 5-23 are taken)
     OutOfIrqs,
+    /// snapshot: {0}
+    Snapshot(#[from] SnapshotError),
 }
 
 /// virtio-mmio devices get IOAPIC pins from 5 up (0-4 are the PIT, keyboard, cascade,
@@ -108,7 +111,13 @@ pub struct VmBuilder {
     mmio: Bus,
     legacy: LegacyDevices,
     mmio_slots: Vec<MmioSlot>,
+    /// Set by [`VmBuilder::restore`]: `start` restores this instead of booting.
+    restoring: Option<Box<LoadedSnapshot>>,
 }
+
+/// Restoring from a snapshot: `VmBuilder::restore` and what `start` calls.
+#[path = "snapshot/builder_hooks.rs"]
+mod snapshot_hooks;
 
 fn eventfd() -> Result<EventFd, BuildError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)
@@ -117,6 +126,14 @@ fn eventfd() -> Result<EventFd, BuildError> {
 impl VmBuilder {
     /// Creates the VM, its memory and the legacy devices. Time to ready counts from here.
     pub fn new(config: VmConfig) -> Result<Self, BuildError> {
+        Self::with_memory(config, None)
+    }
+
+    /// `new`, with RAM (and the state to restore) from a snapshot when given.
+    fn with_memory(
+        config: VmConfig,
+        snapshot: Option<(GuestMemoryMmap, Box<LoadedSnapshot>)>,
+    ) -> Result<Self, BuildError> {
         let start = Instant::now();
         if config.vcpus == 0 || config.vcpus > boot::mptable::MAX_VCPUS {
             return Err(BuildError::VcpuCount {
@@ -126,7 +143,10 @@ impl VmBuilder {
         }
         let kvm = kvm::open_kvm(config.vcpus)?;
         let vm = kvm::create_vm(&kvm)?;
-        let mem = memory::create_guest_memory(config.mem_mib)?;
+        let (mem, restoring) = match snapshot {
+            Some((mem, loaded)) => (mem, Some(loaded)),
+            None => (memory::create_guest_memory(config.mem_mib)?, None),
+        };
         kvm::register_memory(&vm, &mem)?;
         let mut pio = Bus::new();
         let legacy = add_legacy_devices(&vm, &mut pio, config.console, start)?;
@@ -143,6 +163,7 @@ impl VmBuilder {
             mmio: Bus::new(),
             legacy,
             mmio_slots: Vec::new(),
+            restoring,
         })
     }
 
@@ -252,9 +273,15 @@ impl VmBuilder {
     }
 
     /// Loads the boot source, creates the vCPUs and starts them.
-    pub fn start(self) -> Result<Vm, BuildError> {
-        let entry = self.load_boot_source()?;
-        let fds = self.create_vcpus(entry)?;
+    pub fn start(mut self) -> Result<Vm, BuildError> {
+        let fingerprint = self.fingerprint()?;
+        let fds = match self.restoring.take() {
+            Some(snapshot) => self.restore_vcpus(&snapshot, fingerprint)?,
+            None => {
+                let entry = self.load_boot_source()?;
+                self.create_vcpus(entry)?
+            }
+        };
         let pio = Arc::new(self.pio);
         let mmio = Arc::new(self.mmio);
         let stop_evt = eventfd()?;
@@ -282,6 +309,7 @@ impl VmBuilder {
             legacy: self.legacy,
             console_input: self.console_input,
             mmio_slots: self.mmio_slots,
+            fingerprint,
         }))
     }
 }

@@ -31,6 +31,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod kvm;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

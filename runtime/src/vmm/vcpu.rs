@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::devices::Bus;
+use super::snapshot::{self, SnapshotError};
 
 /// Errors controlling vCPU threads.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -27,7 +28,14 @@ pub enum VcpuError {
     Gone(u8),
     /// vCPU {0} did not answer a {1:?} command within 5 s
     NoAnswer(u8, VcpuCommand),
+    /// vCPU {0} must be paused to save its state
+    NotPaused(u8),
+    /// saving vCPU {index}: {source}
+    Save { index: u8, source: SnapshotError },
 }
+
+/// Where a vCPU thread leaves its saved state for the VMM thread.
+type SavedState = Arc<Mutex<Option<Result<snapshot::VcpuState, SnapshotError>>>>;
 
 /// What the VMM asks of a vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +46,8 @@ pub enum VcpuCommand {
     Resume,
     /// Leave KVM_RUN and end the thread.
     Stop,
+    /// While paused: save the vCPU's state for a snapshot ([`VcpuHandle::save_state`]).
+    SaveState,
 }
 
 /// What a vCPU thread answers to a command.
@@ -135,6 +145,7 @@ pub struct VcpuHandle {
     index: u8,
     commands: Sender<VcpuCommand>,
     states: Receiver<VcpuState>,
+    saved: SavedState,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -181,23 +192,31 @@ impl Vcpu {
         let index = self.index;
         let (cmd_tx, cmd_rx) = channel();
         let (state_tx, state_rx) = channel();
+        let saved = SavedState::default();
+        let slot = saved.clone();
         let thread = std::thread::Builder::new()
             .name(format!("husk-vcpu{index}"))
-            .spawn(move || self.thread_main(cmd_rx, state_tx))
+            .spawn(move || self.thread_main(cmd_rx, state_tx, slot))
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(VcpuHandle {
             index,
             commands: cmd_tx,
             states: state_rx,
+            saved,
             thread: Some(thread),
         })
     }
 
-    fn thread_main(mut self, commands: Receiver<VcpuCommand>, states: Sender<VcpuState>) {
+    fn thread_main(
+        mut self,
+        commands: Receiver<VcpuCommand>,
+        states: Sender<VcpuState>,
+        saved: SavedState,
+    ) {
         let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
         loop {
-            if !self.obey_commands(&commands, &states) {
+            if !self.obey_commands(&commands, &states, &saved) {
                 break;
             }
             match self.run_once() {
@@ -225,7 +244,12 @@ impl Vcpu {
     }
 
     /// Handles pending commands; returns false when the thread must end.
-    fn obey_commands(&self, commands: &Receiver<VcpuCommand>, states: &Sender<VcpuState>) -> bool {
+    fn obey_commands(
+        &mut self,
+        commands: &Receiver<VcpuCommand>,
+        states: &Sender<VcpuState>,
+        saved: &SavedState,
+    ) -> bool {
         let mut paused = false;
         loop {
             let cmd = if paused {
@@ -247,6 +271,15 @@ impl Vcpu {
                 Some(VcpuCommand::Stop) => {
                     let _ = states.send(VcpuState::Stopped);
                     return false;
+                }
+                // KVM state is read on the vCPU's own thread, as KVM expects.
+                Some(VcpuCommand::SaveState) if paused => {
+                    let state = snapshot::VcpuState::save(self.index, &mut self.fd);
+                    *saved.lock().expect("vCPU state slot poisoned") = Some(state);
+                    let _ = states.send(VcpuState::Paused);
+                }
+                Some(VcpuCommand::SaveState) => {
+                    let _ = states.send(VcpuState::Running);
                 }
             }
         }
@@ -340,6 +373,20 @@ impl VcpuHandle {
             Err(RecvTimeoutError::Timeout) => Err(VcpuError::NoAnswer(self.index, cmd)),
             Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone(self.index)),
         }
+    }
+
+    /// Saves the state of this paused vCPU (on its thread) and returns it.
+    pub fn save_state(&self) -> Result<snapshot::VcpuState, VcpuError> {
+        if self.command(VcpuCommand::SaveState)? != VcpuState::Paused {
+            return Err(VcpuError::NotPaused(self.index));
+        }
+        let state = self.saved.lock().expect("vCPU state slot poisoned").take();
+        state
+            .ok_or(VcpuError::NotPaused(self.index))?
+            .map_err(|source| VcpuError::Save {
+                index: self.index,
+                source,
+            })
     }
 
     fn kick(&self) {

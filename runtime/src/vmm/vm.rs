@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::builder::{LegacyDevices, MmioSlot};
 use super::devices::serial::SerialDevice;
 use super::event_loop::{EventLoop, EventLoopError};
+use super::snapshot::{self, Fingerprint, SnapshotError};
 use super::vcpu::{VcpuCommand, VcpuError, VcpuHandle, VcpuState, VcpuStop, VcpuStopReport};
 
 /// Errors while the VM runs.
@@ -24,6 +25,8 @@ pub enum RunError {
     EventLoop(#[from] EventLoopError),
     /// {0}
     Vcpu(#[from] VcpuError),
+    /// snapshot: {0}
+    Snapshot(#[from] SnapshotError),
     /// vCPU {index} stopped: {reason}{hint}
     VcpuFailed {
         index: u8,
@@ -81,6 +84,8 @@ pub(super) struct VmParts {
     pub legacy: LegacyDevices,
     pub console_input: bool,
     pub mmio_slots: Vec<MmioSlot>,
+    /// The configuration's identity, written into snapshots.
+    pub fingerprint: Fingerprint,
 }
 
 /// A started VM. Dropping it stops the vCPUs.
@@ -155,6 +160,50 @@ impl Vm {
     /// Lets paused vCPUs run again.
     pub fn resume(&self) -> Result<(), RunError> {
         self.command_all(VcpuCommand::Resume, VcpuState::Running)
+    }
+
+    /// Like [`Vm::wait`], but on success the vCPUs are left paused instead of stopped, so
+    /// the VM can be snapshotted (e.g. `until_ready` for a template) and resumed.
+    pub fn wait_then_pause(&mut self, opts: RunOptions) -> Result<VmOutcome, RunError> {
+        match self.event_loop(opts) {
+            Ok(exit) => {
+                self.pause()?;
+                Ok(VmOutcome {
+                    exit,
+                    ready_after: self.ready_after(),
+                })
+            }
+            Err(e) => {
+                self.stop_vcpus();
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes a snapshot of this VM to `path` (see [`snapshot`]). The vCPUs are paused
+    /// first and stay paused: [`Vm::resume`] continues this VM.
+    pub fn snapshot(&self, path: &std::path::Path) -> Result<snapshot::Header, RunError> {
+        self.pause()?;
+        let vcpus = self
+            .parts
+            .vcpus
+            .iter()
+            .map(VcpuHandle::save_state)
+            .collect::<Result<Vec<_>, _>>()?;
+        let serial = self.parts.legacy.serial.lock().expect("serial lock poisoned").state();
+        let devices = snapshot::DeviceInputs {
+            serial,
+            virtio_slots: self.parts.mmio_slots.len(),
+            ready: self.ready_after().is_some(),
+        };
+        Ok(snapshot::save(
+            path,
+            self.parts.fingerprint,
+            &self.parts.vm,
+            &self.parts.mem,
+            vcpus,
+            devices,
+        )?)
     }
 
     /// Runs the event loop until the guest powers off, becomes ready (with

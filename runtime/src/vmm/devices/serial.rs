@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use super::trigger::EventFdTrigger;
@@ -138,6 +138,24 @@ impl SerialDevice {
     }
 }
 
+impl SerialDevice {
+    /// The UART's registers and input FIFO (snapshots).
+    pub fn state(&self) -> SerialState {
+        self.serial.state()
+    }
+
+    /// Takes the registers and input FIFO from `state`, keeping this device's interrupt
+    /// and output (restore). A pending interrupt in `state` is raised again.
+    pub fn restore_state(&mut self, state: &SerialState) -> io::Result<()> {
+        let trigger = EventFdTrigger(self.serial.interrupt_evt().try_clone_fd()?);
+        let placeholder = Serial::new(EventFdTrigger::new()?, Box::new(io::sink()) as _);
+        let out = std::mem::replace(&mut self.serial, placeholder).into_writer();
+        self.serial = Serial::from_state(state, trigger, NoEvents, out)
+            .map_err(|e| io::Error::other(format!("serial state rejected: {e:?}")))?;
+        Ok(())
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         // The UART has byte registers; wider accesses read the register and zeros.
@@ -214,6 +232,24 @@ mod tests {
         }
         drop(dev);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "earlier\nguest\n");
+    }
+
+    #[test]
+    fn state_moves_registers_and_pending_input_to_another_device() {
+        let (mut a, _out_a, _irq_a) = device();
+        a.write(IER, &[0x01]);
+        a.write(7, &[0x5a]); // scratch register
+        a.enqueue_input(b"qz");
+        let (mut b, out_b, irq_b) = device();
+        b.restore_state(&a.state()).unwrap();
+        assert_eq!(irq_b.read().unwrap(), 1, "pending input must interrupt again");
+        let mut r = [0u8];
+        b.read(7, &mut r);
+        assert_eq!(r[0], 0x5a);
+        b.read(THR, &mut r);
+        assert_eq!(&r, b"q");
+        b.write(THR, b"!");
+        assert_eq!(out_b.text(), "!", "output must still reach b's writer");
     }
 
     #[test]
