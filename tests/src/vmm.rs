@@ -51,6 +51,7 @@ pub fn raw_config(
     let console = SharedBuffer::default();
     let config = VmConfig {
         vcpus: 1,
+        cpu_template: Default::default(),
         mem_mib: 32,
         boot: BootSource::Raw {
             code,

@@ -21,6 +21,7 @@ fn boot_until_ready(vcpus: u8, mem_mib: u64) -> String {
     let console = SharedBuffer::default();
     let config = VmConfig {
         vcpus,
+        cpu_template: Default::default(),
         mem_mib,
         boot: BootSource::Linux {
             kernel: guest_artifact(Artifact::Kernel),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use husk::artifacts::{locate, Artifact};
 use husk::host::HostMode;
+use husk::vmm::boot::cpu_template::CpuTemplate;
 use husk::vmm::{BootSource, ConsoleOutput, RunOptions, VmBuilder, VmConfig};
 use husk_protocol::boot::CMDLINE_POWEROFF_AFTER_READY;
 
@@ -29,6 +30,9 @@ pub struct Args {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
+    /// CPUID model the vCPUs present: host-min (minimal, fastest boot) or host (all KVM offers).
+    #[arg(long, default_value_t = CpuTemplate::default())]
+    cpu_template: CpuTemplate,
     /// Stop as soon as the guest signals ready instead of waiting for it to power off.
     #[arg(long)]
     until_ready: bool,
@@ -59,6 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     );
     let config = VmConfig {
         vcpus: args.vcpus,
+        cpu_template: args.cpu_template,
         mem_mib: args.mem_mib,
         boot: BootSource::Linux {
             kernel,

@@ -11,6 +11,7 @@ use linux_loader::cmdline::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::boot::cpu_template::CpuTemplate;
 use super::boot::{self, cmdline, cpuid, msrs, regs, BootEntry, BootError};
 use super::config::{BootSource, VmConfig};
 use super::devices::boot_timer::{BootTimer, ReadyTime, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
@@ -101,6 +102,7 @@ pub(super) struct LegacyDevices {
 pub struct VmBuilder {
     start: Instant,
     vcpus: u8,
+    cpu_template: CpuTemplate,
     boot: BootSource,
     host_mode: HostMode,
     console_input: bool,
@@ -153,6 +155,7 @@ impl VmBuilder {
         Ok(Self {
             start,
             vcpus: config.vcpus,
+            cpu_template: config.cpu_template,
             boot: config.boot,
             host_mode: config.host_mode,
             console_input: config.console_input,
@@ -256,7 +259,8 @@ impl VmBuilder {
                         },
                     }
                 })?;
-                let vcpu_cpuid = cpuid::vcpu_cpuid(&supported_cpuid, index, self.vcpus)?;
+                let vcpu_cpuid =
+                    cpuid::vcpu_cpuid(&supported_cpuid, index, self.vcpus, self.cpu_template)?;
                 fd.set_cpuid2(&vcpu_cpuid)
                     .map_err(|source| cpuid::CpuidError::Set { index, source })?;
                 msrs::setup_msrs(&fd, &supported_msrs)?;

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use super::boot::cpu_template::CpuTemplate;
 use super::boot::regs::CpuMode;
 use super::devices::serial::ConsoleOutput;
 use crate::host::HostMode;
@@ -13,6 +14,8 @@ pub const DEFAULT_MEM_MIB: u64 = 128;
 #[derive(Debug)]
 pub struct VmConfig {
     pub vcpus: u8,
+    /// The CPUID model the vCPUs present (`--cpu-template`).
+    pub cpu_template: CpuTemplate,
     pub mem_mib: u64,
     pub boot: BootSource,
     pub console: ConsoleOutput,
@@ -45,6 +48,7 @@ impl VmConfig {
     pub fn new(boot: BootSource) -> Self {
         Self {
             vcpus: 1,
+            cpu_template: CpuTemplate::default(),
             mem_mib: DEFAULT_MEM_MIB,
             boot,
             console: ConsoleOutput::Stdout,

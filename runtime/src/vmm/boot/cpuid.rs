@@ -13,6 +13,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::Kvm;
 
+use super::cpu_template::CpuTemplate;
+
 /// Errors building the guest CPUID.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum CpuidError {
@@ -149,11 +151,17 @@ fn ensure_ext_topology_subleaves(cpuid: &mut CpuId) -> Result<(), CpuidError> {
     Ok(())
 }
 
-/// The CPUID for vCPU `index` of `count`.
-pub fn vcpu_cpuid(supported: &CpuId, index: u8, count: u8) -> Result<CpuId, CpuidError> {
+/// The CPUID for vCPU `index` of `count` under `template`.
+pub fn vcpu_cpuid(
+    supported: &CpuId,
+    index: u8,
+    count: u8,
+    template: CpuTemplate,
+) -> Result<CpuId, CpuidError> {
     let mut cpuid = supported.clone();
     ensure_ext_topology_subleaves(&mut cpuid)?;
     normalize_for_vcpu(cpuid.as_mut_slice(), index, count);
+    template.apply(cpuid.as_mut_slice());
     Ok(cpuid)
 }
 
@@ -263,7 +271,7 @@ mod tests {
             entry(LEAF_CACHE_PARAMS, 0, 0, 0, 0, 0),
         ];
         let supported = CpuId::from_entries(&only_smt).unwrap();
-        let cpuid = vcpu_cpuid(&supported, 1, 2).unwrap();
+        let cpuid = vcpu_cpuid(&supported, 1, 2, CpuTemplate::Host).unwrap();
         let e = cpuid.as_slice();
         let core = find(e, LEAF_EXT_TOPOLOGY, 1);
         assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (1, 2, 0x201, 1));

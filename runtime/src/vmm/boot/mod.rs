@@ -1,6 +1,7 @@
 //! Everything written into the guest or the vCPUs before the first instruction runs.
 
 pub mod cmdline;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod loader;
 pub mod mptable;
