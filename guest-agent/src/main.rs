@@ -15,6 +15,7 @@ mod network;
 mod ports;
 mod reaper;
 mod server;
+mod share;
 mod stdio;
 mod transport;
 

@@ -138,6 +138,11 @@ fn dispatch(agent: &Agent, request: Request) -> Result<Response, AgentError> {
             Ok(Response::Done)
         }
         Request::ConfigureNetwork { config } => configure_network(&config),
+        Request::MountShare {
+            tag,
+            mountpoint,
+            readonly,
+        } => crate::share::mount_share(&tag, &mountpoint, readonly),
     }
 }
 

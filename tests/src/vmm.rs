@@ -62,6 +62,7 @@ pub fn raw_config(
         console: ConsoleOutput::Buffer(console.clone()),
         console_input: false,
         host_mode: HostMode::detect(),
+        devices: Default::default(),
     };
     (config, console)
 }

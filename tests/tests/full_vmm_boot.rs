@@ -31,6 +31,7 @@ fn boot_until_ready(vcpus: u8, mem_mib: u64) -> String {
         console: ConsoleOutput::Buffer(console.clone()),
         console_input: false,
         host_mode: HostMode::detect(),
+        devices: Default::default(),
     };
     let mut vm = VmBuilder::new(config)
         .expect("build VM")

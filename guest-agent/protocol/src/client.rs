@@ -157,6 +157,20 @@ impl<S: Read + Write> AgentClient<S> {
         })
     }
 
+    /// Mounts the virtio-fs share `tag` at `mountpoint` in the guest.
+    pub fn mount_share(
+        &mut self,
+        tag: &str,
+        mountpoint: impl Into<PathBuf>,
+        readonly: bool,
+    ) -> Result<(), ClientError> {
+        self.expect_done(&Request::MountShare {
+            tag: tag.to_owned(),
+            mountpoint: mountpoint.into(),
+            readonly,
+        })
+    }
+
     /// Asks the agent to kill everything and power off. The connection may close before
     /// the answer arrives, which counts as success.
     pub fn shutdown(&mut self) -> Result<(), ClientError> {

@@ -15,7 +15,7 @@ use crate::error::AgentError;
 /// Version of the messages in this module. Bump it on any incompatible change: the
 /// `Hello` exchange then fails with [`AgentError::VersionMismatch`] on both sides instead of
 /// a confusing decode error later.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Which standard streams the host wants for a new process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -154,6 +154,15 @@ pub enum Request {
     ConfigureNetwork {
         config: NetworkConfig,
     },
+    /// Mounts the virtio-fs share with `tag` at `mountpoint` in the guest (created if
+    /// missing). A request rather than a boot-time step, so a guest restored from a
+    /// snapshot can attach the share it is given after the restore. Containers then use
+    /// `<mountpoint>/<container id>/rootfs` as their rootfs.
+    MountShare {
+        tag: String,
+        mountpoint: PathBuf,
+        readonly: bool,
+    },
 }
 
 /// The agent's answer to one [`Request`].
@@ -199,6 +208,7 @@ impl Request {
             Request::DeleteContainer { .. } => "delete_container",
             Request::Shutdown => "shutdown",
             Request::ConfigureNetwork { .. } => "configure_network",
+            Request::MountShare { .. } => "mount_share",
         }
     }
 }

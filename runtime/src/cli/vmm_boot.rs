@@ -73,6 +73,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         console: ConsoleOutput::Stdout,
         console_input: args.stdin,
         host_mode,
+        devices: Default::default(),
     };
     let opts = RunOptions {
         until_ready: args.until_ready,

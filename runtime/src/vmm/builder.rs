@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::boot::cpu_template::CpuTemplate;
 use super::boot::{self, cmdline, cpuid, msrs, regs, BootEntry, BootError};
 use super::config::{BootSource, VmConfig};
+use super::device_set::{DeviceSet, DeviceSetError};
 use super::devices::boot_timer::{BootTimer, ReadyTime, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
 use super::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use super::devices::serial::{SerialDevice, COM1_IRQ, COM1_LEN, COM1_PORT};
@@ -58,6 +59,8 @@ pub enum BuildError {
     },
     /// no interrupt left for another virtio-mmio device (IRQs 5-23 are taken)
     OutOfIrqs,
+    /// {0}
+    Devices(#[from] DeviceSetError),
     /// snapshot: {0}
     Snapshot(#[from] SnapshotError),
 }
@@ -113,6 +116,8 @@ pub struct VmBuilder {
     mmio: Bus,
     legacy: LegacyDevices,
     mmio_slots: Vec<MmioSlot>,
+    /// The devices `VmConfig::devices` asked for, driven by the VM's event loop.
+    devices: DeviceSet,
     /// Set by [`VmBuilder::restore`]: `start` restores this instead of booting.
     restoring: Option<Box<LoadedSnapshot>>,
 }
@@ -152,7 +157,7 @@ impl VmBuilder {
         kvm::register_memory(&vm, &mem)?;
         let mut pio = Bus::new();
         let legacy = add_legacy_devices(&vm, &mut pio, config.console, start)?;
-        Ok(Self {
+        let mut builder = Self {
             start,
             vcpus: config.vcpus,
             cpu_template: config.cpu_template,
@@ -167,7 +172,10 @@ impl VmBuilder {
             legacy,
             mmio_slots: Vec::new(),
             restoring,
-        })
+            devices: DeviceSet::default(),
+        };
+        builder.devices = DeviceSet::create(&mut builder, &config.devices)?;
+        Ok(builder)
     }
 
     /// Guest memory, for devices that need it (virtio queues live there).
@@ -314,6 +322,9 @@ impl VmBuilder {
             console_input: self.console_input,
             mmio_slots: self.mmio_slots,
             fingerprint,
+            devices: self.devices,
+            host_stop: eventfd()?,
+            ready_notify: None,
         }))
     }
 }

@@ -23,6 +23,38 @@ pub struct VmConfig {
     pub console_input: bool,
     /// Decides the PVM compatibility command line.
     pub host_mode: HostMode,
+    /// The virtio devices the builder creates (vsock, shares).
+    pub devices: VirtioDevicesConfig,
+}
+
+/// The virtio devices of a VM, created by [`VmBuilder::new`](super::VmBuilder::new) and
+/// driven by the VM's event loop.
+#[derive(Debug, Clone, Default)]
+pub struct VirtioDevicesConfig {
+    /// The host-guest channel (the agent's control and stdio streams).
+    pub vsock: Option<VsockDeviceConfig>,
+    /// Host directories the guest can mount with `mount -t virtiofs TAG DIR`.
+    pub shares: Vec<FsShareConfig>,
+}
+
+/// A hybrid vsock device: host clients connect to `uds_path` and send `CONNECT <port>`.
+#[derive(Debug, Clone)]
+pub struct VsockDeviceConfig {
+    pub uds_path: PathBuf,
+    pub guest_cid: u64,
+}
+
+/// A host directory served to the guest by a virtiofsd the VMM starts and owns.
+#[derive(Debug, Clone)]
+pub struct FsShareConfig {
+    /// The name the guest mounts it by (1 to 36 bytes).
+    pub tag: String,
+    /// The directory the guest sees as the root of the file system.
+    pub dir: PathBuf,
+    /// The virtiofsd binary (see [`crate::artifacts::Artifact::Virtiofsd`]).
+    pub virtiofsd: PathBuf,
+    /// virtiofsd's vhost-user socket (its directory must exist).
+    pub socket_path: PathBuf,
 }
 
 /// What the boot vCPU starts executing.
@@ -54,6 +86,7 @@ impl VmConfig {
             console: ConsoleOutput::Stdout,
             console_input: false,
             host_mode: HostMode::detect(),
+            devices: VirtioDevicesConfig::default(),
         }
     }
 }

@@ -27,8 +27,10 @@
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod device_set;
 pub mod devices;
 pub mod event_loop;
+pub mod guest;
 pub mod kvm;
 pub mod memory;
 pub mod snapshot;
@@ -39,4 +41,4 @@ pub use boot::regs::CpuMode;
 pub use builder::{BuildError, MmioSlot, VmBuilder};
 pub use config::{BootSource, VmConfig};
 pub use devices::serial::{ConsoleOutput, SharedBuffer};
-pub use vm::{GuestExit, RunError, RunOptions, Vm, VmOutcome};
+pub use vm::{GuestExit, RunError, RunOptions, Vm, VmOutcome, VmStopHandle};

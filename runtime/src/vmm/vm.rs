@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::builder::{LegacyDevices, MmioSlot};
+use super::device_set::{DeviceEvent, DeviceSet, DeviceSetError, Handled};
 use super::devices::serial::SerialDevice;
 use super::event_loop::{EventLoop, EventLoopError};
 use super::snapshot::{self, Fingerprint, SnapshotError};
@@ -27,6 +28,8 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     /// snapshot: {0}
     Snapshot(#[from] SnapshotError),
+    /// {0}; the VM was stopped
+    Device(#[from] DeviceSetError),
     /// vCPU {index} stopped: {reason}{hint}
     VcpuFailed {
         index: u8,
@@ -63,6 +66,18 @@ pub enum GuestExit {
     PowerOff,
     /// Stopped by the VMM right after the ready signal (`until_ready`).
     Ready,
+    /// Stopped by the host through a [`VmStopHandle`].
+    Stopped,
+}
+
+/// Asks a running [`Vm::wait`] (on another thread) to stop the VM.
+#[derive(Debug)]
+pub struct VmStopHandle(EventFd);
+
+impl VmStopHandle {
+    pub fn stop(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
 }
 
 /// The result of running a VM.
@@ -86,6 +101,11 @@ pub(super) struct VmParts {
     pub mmio_slots: Vec<MmioSlot>,
     /// The configuration's identity, written into snapshots.
     pub fingerprint: Fingerprint,
+    pub devices: DeviceSet,
+    /// Written by [`VmStopHandle::stop`].
+    pub host_stop: EventFd,
+    /// Told the time to ready when the guest signals it.
+    pub ready_notify: Option<Sender<Duration>>,
 }
 
 /// A started VM. Dropping it stops the vCPUs.
@@ -97,6 +117,9 @@ const TOKEN_VCPU_STOP: u64 = 1;
 const TOKEN_RESET: u64 = 2;
 const TOKEN_READY: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
+const TOKEN_HOST_STOP: u64 = 5;
+/// Device events get `DEVICE_TOKENS + their index` in the event source table.
+const DEVICE_TOKENS: u64 = 0x100;
 
 enum Step {
     Continue,
@@ -131,6 +154,16 @@ impl Vm {
     /// Time to ready, if the guest signalled it.
     pub fn ready_after(&self) -> Option<Duration> {
         self.parts.legacy.ready_time.get().copied()
+    }
+
+    /// A handle another thread can use to stop [`Vm::wait`].
+    pub fn stop_handle(&self) -> std::io::Result<VmStopHandle> {
+        self.parts.host_stop.try_clone().map(VmStopHandle)
+    }
+
+    /// `tx` is told the time to ready when the guest signals it (while [`Vm::wait`] runs).
+    pub fn notify_ready(&mut self, tx: Sender<Duration>) {
+        self.parts.ready_notify = Some(tx);
     }
 
     /// The serial device, e.g. to feed it input.
@@ -190,7 +223,13 @@ impl Vm {
             .iter()
             .map(VcpuHandle::save_state)
             .collect::<Result<Vec<_>, _>>()?;
-        let serial = self.parts.legacy.serial.lock().expect("serial lock poisoned").state();
+        let serial = self
+            .parts
+            .legacy
+            .serial
+            .lock()
+            .expect("serial lock poisoned")
+            .state();
         let devices = snapshot::DeviceInputs {
             serial,
             virtio_slots: self.parts.mmio_slots.len(),
@@ -223,8 +262,13 @@ impl Vm {
         events.add(self.parts.stop_evt.as_raw_fd(), TOKEN_VCPU_STOP)?;
         events.add(self.parts.legacy.reset_evt.as_raw_fd(), TOKEN_RESET)?;
         events.add(self.parts.legacy.ready_evt.as_raw_fd(), TOKEN_READY)?;
+        events.add(self.parts.host_stop.as_raw_fd(), TOKEN_HOST_STOP)?;
         if self.parts.console_input {
             events.add(libc::STDIN_FILENO, TOKEN_STDIN)?;
+        }
+        let device_events = self.parts.devices.event_sources();
+        for (i, (fd, _)) in device_events.iter().enumerate() {
+            events.add(*fd, DEVICE_TOKENS + i as u64)?;
         }
         let deadline = opts.ready_timeout.map(|t| self.parts.start + t);
         loop {
@@ -241,6 +285,13 @@ impl Vm {
             let mut ordered = tokens;
             ordered.sort_by_key(|t| if *t == TOKEN_READY { 0 } else { 1 });
             for token in ordered {
+                if token >= DEVICE_TOKENS {
+                    let index = (token - DEVICE_TOKENS) as usize;
+                    if let Some(&(fd, ev)) = device_events.get(index) {
+                        self.device_event(&events, fd, ev)?;
+                    }
+                    continue;
+                }
                 if let Step::Done(exit) = self.handle(token, opts, &events)? {
                     return Ok(exit);
                 }
@@ -257,6 +308,11 @@ impl Vm {
         match token {
             TOKEN_READY => {
                 let _ = self.parts.legacy.ready_evt.read();
+                if let (Some(tx), Some(after)) =
+                    (self.parts.ready_notify.take(), self.ready_after())
+                {
+                    let _ = tx.send(after);
+                }
                 if opts.until_ready {
                     return Ok(Step::Done(GuestExit::Ready));
                 }
@@ -272,9 +328,25 @@ impl Vm {
                 }
             }
             TOKEN_STDIN => self.forward_stdin(events),
+            TOKEN_HOST_STOP => {
+                let _ = self.parts.host_stop.read();
+                return Ok(Step::Done(GuestExit::Stopped));
+            }
             _ => {}
         }
         Ok(Step::Continue)
+    }
+
+    fn device_event(
+        &mut self,
+        events: &EventLoop,
+        fd: i32,
+        event: DeviceEvent,
+    ) -> Result<(), RunError> {
+        if let Handled::StopPolling(fd) = self.parts.devices.handle(event, fd)? {
+            events.remove(fd);
+        }
+        Ok(())
     }
 
     fn vcpu_stopped(&self, report: VcpuStopReport) -> Result<GuestExit, RunError> {

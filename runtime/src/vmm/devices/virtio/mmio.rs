@@ -120,6 +120,19 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// Set by [`MmioTransport::defer_activation`]: DRIVER_OK only records the request and
+    /// signals this eventfd; the VMM event loop then calls
+    /// [`MmioTransport::activate_pending`].
+    deferred: Option<EventFd>,
+    /// DRIVER_OK was set and the deferred activation has not run yet.
+    activation_pending: bool,
+}
+
+/// activating virtio device type {device_type} failed (the transport set DEVICE_NEEDS_RESET): {reason}
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub struct ActivationFailed {
+    pub device_type: u32,
+    reason: String,
 }
 
 impl MmioTransport {
@@ -161,7 +174,51 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            deferred: None,
+            activation_pending: false,
         })
+    }
+
+    /// Moves activation off the thread that writes DRIVER_OK (a vCPU thread) to whoever
+    /// polls the returned eventfd and then calls [`Self::activate_pending`].
+    ///
+    /// Why: activating a vhost-user device is a conversation with another process
+    /// (sendmsg with fds, waiting for replies), which the vCPU threads' seccomp filter
+    /// forbids and which would stall the vCPU for its whole length. Meanwhile the driver
+    /// sees DRIVER_OK accepted and goes on: its queue kicks land in the ioeventfds and
+    /// stay counted there until the backend reads them, so none is lost. Should the
+    /// activation fail, the transport sets DEVICE_NEEDS_RESET with a configuration
+    /// interrupt, which virtio 1.2 (2.1.2) allows at any time.
+    pub fn defer_activation(&mut self) -> io::Result<EventFd> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        let poll = evt.try_clone()?;
+        self.deferred = Some(evt);
+        Ok(poll)
+    }
+
+    /// Runs an activation deferred by DRIVER_OK; `Ok(true)` if the device was activated
+    /// now, `Ok(false)` if none was pending (e.g. the driver reset the device meanwhile).
+    pub fn activate_pending(&mut self) -> Result<bool, ActivationFailed> {
+        if let Some(evt) = &self.deferred {
+            // Consume the wake-up, or a level-triggered loop would spin on it.
+            let _ = evt.read();
+        }
+        if !std::mem::take(&mut self.activation_pending) {
+            return Ok(false);
+        }
+        match self.activate() {
+            Ok(()) => {
+                self.activated = true;
+                Ok(true)
+            }
+            Err(reason) => {
+                self.needs_reset();
+                Err(ActivationFailed {
+                    device_type: self.device().device_type(),
+                    reason: reason.to_string(),
+                })
+            }
+        }
     }
 
     /// The device's interrupt; register `interrupt().irq_evt()` as its irqfd.
@@ -409,7 +466,17 @@ impl MmioTransport {
     }
 
     fn driver_ok(&mut self) {
-        if self.activated {
+        if self.activated || self.activation_pending {
+            return;
+        }
+        if let Some(evt) = &self.deferred {
+            self.status |= status::DRIVER_OK;
+            self.activation_pending = true;
+            if let Err(e) = evt.write(1) {
+                warn!("virtio-mmio: cannot request the deferred activation: {e}");
+                self.activation_pending = false;
+                self.needs_reset();
+            }
             return;
         }
         match self.activate() {
@@ -419,13 +486,17 @@ impl MmioTransport {
             }
             Err(reason) => {
                 warn!("virtio-mmio: activation failed: {reason}");
-                // 2.1.2: with DRIVER_OK set, DEVICE_NEEDS_RESET comes with a config change
-                // notification.
-                self.status |= status::DRIVER_OK | status::DEVICE_NEEDS_RESET;
-                if let Err(e) = self.interrupt.signal_config_change() {
-                    warn!("virtio-mmio: cannot signal the interrupt: {e}");
-                }
+                self.needs_reset();
             }
+        }
+    }
+
+    /// 2.1.2: with DRIVER_OK set, DEVICE_NEEDS_RESET comes with a config change
+    /// notification.
+    fn needs_reset(&mut self) {
+        self.status |= status::DRIVER_OK | status::DEVICE_NEEDS_RESET;
+        if let Err(e) = self.interrupt.signal_config_change() {
+            warn!("virtio-mmio: cannot signal the interrupt: {e}");
         }
     }
 
@@ -456,6 +527,7 @@ impl MmioTransport {
         self.driver_features_out_of_range = false;
         self.status = 0;
         self.activated = false;
+        self.activation_pending = false;
         self.interrupt.reset();
     }
 }

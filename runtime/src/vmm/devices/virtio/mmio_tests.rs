@@ -649,3 +649,48 @@ fn queue_round_trip() {
     // Nothing more to do until the driver publishes another chain.
     assert_eq!(f.dev.lock().unwrap().process(0), 0);
 }
+
+#[test]
+fn deferred_activation_runs_only_when_the_event_loop_asks() {
+    let mut f = fixture();
+    let due = f.t.defer_activation().unwrap();
+    bring_up(&mut f);
+    // The driver sees DRIVER_OK accepted at once, but the device is not activated on
+    // the writing (vCPU) thread: the eventfd says an activation is due.
+    assert_eq!(r(&mut f.t, reg::VIRTIO_MMIO_STATUS), ALL_OK);
+    assert_eq!(f.dev.lock().unwrap().activations, 0);
+    assert_eq!(due.read().unwrap(), 1);
+    assert!(f.t.activate_pending().unwrap());
+    assert_eq!(f.dev.lock().unwrap().activations, 1);
+    // Nothing pending any more.
+    assert!(!f.t.activate_pending().unwrap());
+    assert_eq!(f.dev.lock().unwrap().activations, 1);
+}
+
+#[test]
+fn deferred_activation_dropped_by_a_reset_and_failure_sets_needs_reset() {
+    let mut f = fixture();
+    let _due = f.t.defer_activation().unwrap();
+    bring_up(&mut f);
+    w(&mut f.t, reg::VIRTIO_MMIO_STATUS, 0);
+    assert!(!f.t.activate_pending().unwrap(), "a reset cancels it");
+    assert_eq!(f.dev.lock().unwrap().activations, 0);
+    // Queue 1 never made ready: the deferred activation fails like a synchronous one.
+    assert_eq!(
+        negotiate(&mut f.t, features::VERSION_1) & status::FEATURES_OK,
+        status::FEATURES_OK
+    );
+    let q0 = DriverQueue::new(&f.mem, GuestAddress(0x1000), 16);
+    setup_queue(&mut f.t, 0, &q0);
+    w(&mut f.t, reg::VIRTIO_MMIO_STATUS, ALL_OK);
+    let err = f.t.activate_pending().unwrap_err();
+    assert!(err.to_string().contains("queue 1"), "{err}");
+    assert_eq!(
+        r(&mut f.t, reg::VIRTIO_MMIO_STATUS),
+        ALL_OK | status::DEVICE_NEEDS_RESET
+    );
+    assert_eq!(
+        r(&mut f.t, reg::VIRTIO_MMIO_INTERRUPT_STATUS) & reason::CONFIG_CHANGE,
+        reason::CONFIG_CHANGE
+    );
+}

@@ -1,0 +1,250 @@
+//! The virtio devices a [`VmConfig`](super::VmConfig) asks for (vsock, virtio-fs shares):
+//! created at build time, then driven by the VM's event loop, which polls
+//! [`DeviceSet::event_sources`] and hands each ready fd to [`DeviceSet::handle`].
+//!
+//! Every transport here defers its activation to the event loop (see
+//! [`MmioTransport::defer_activation`]): the vhost-user handshake with virtiofsd must not
+//! run on a vCPU thread, and doing the same for vsock keeps one activation path.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use log::{info, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::builder::{BuildError, VmBuilder};
+use super::config::{FsShareConfig, VirtioDevicesConfig, VsockDeviceConfig};
+use super::devices::virtio::fs::{FsConfig, FsError, FsEvent, VirtioFs, VirtiofsdConfig};
+use super::devices::virtio::mmio::{ActivationFailed, MmioError, MmioTransport};
+use super::devices::virtio::vsock::{Vsock, VsockConfig, VsockError, VsockEvent};
+use super::devices::virtio::VirtioDevice;
+
+/// Errors creating or running the configured devices.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum DeviceSetError {
+    /// vsock device ({path}): {source}
+    Vsock { path: String, source: VsockError },
+    /// virtio-fs share {tag:?} ({dir}): {source}
+    Fs {
+        tag: String,
+        dir: String,
+        source: FsError,
+    },
+    /// virtio transport: {0}
+    Transport(#[from] MmioError),
+    /// cannot create or duplicate a device eventfd: {0}
+    EventFd(#[source] io::Error),
+    /// placing a virtio device: {0}
+    Build(#[from] Box<BuildError>),
+    /// {0}
+    Activation(#[from] ActivationFailed),
+}
+
+/// What one polled fd stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// A transport's deferred activation is due.
+    Activate(usize),
+    Vsock(VsockEvent),
+    /// An event of the n-th share's device.
+    Fs(usize, FsEvent),
+}
+
+/// What the event loop should do after [`DeviceSet::handle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    Continue,
+    /// The fd is done (e.g. a pidfd that stays readable): stop polling it.
+    StopPolling(RawFd),
+}
+
+struct Share {
+    tag: String,
+    dir: String,
+    device: Arc<Mutex<VirtioFs>>,
+}
+
+/// The devices and their transports. Dropping it closes every vsock stream on the host
+/// side (so clients see EOF, not a hang) and stops virtiofsd.
+#[derive(Default)]
+pub struct DeviceSet {
+    vsock: Option<Arc<Mutex<Vsock>>>,
+    shares: Vec<Share>,
+    /// Transports with deferred activation, each with the eventfd that says it is due.
+    transports: Vec<(Arc<Mutex<MmioTransport>>, EventFd)>,
+}
+
+impl DeviceSet {
+    /// Creates the devices of `config` and places them on `builder`'s MMIO bus. On error
+    /// nothing keeps running: devices created so far are dropped (virtiofsd killed,
+    /// sockets removed).
+    pub fn create(
+        builder: &mut VmBuilder,
+        config: &VirtioDevicesConfig,
+    ) -> Result<Self, DeviceSetError> {
+        let mut set = Self::default();
+        if let Some(vsock) = &config.vsock {
+            set.add_vsock(builder, vsock)?;
+        }
+        for share in &config.shares {
+            set.add_share(builder, share)?;
+        }
+        Ok(set)
+    }
+
+    fn add_vsock(
+        &mut self,
+        builder: &mut VmBuilder,
+        config: &VsockDeviceConfig,
+    ) -> Result<(), DeviceSetError> {
+        let mut vsock_config = VsockConfig::new(config.uds_path.clone());
+        vsock_config.guest_cid = config.guest_cid;
+        let device = Vsock::new(&vsock_config).map_err(|source| DeviceSetError::Vsock {
+            path: config.uds_path.display().to_string(),
+            source,
+        })?;
+        let device = Arc::new(Mutex::new(device));
+        self.place(builder, device.clone())?;
+        self.vsock = Some(device);
+        Ok(())
+    }
+
+    fn add_share(
+        &mut self,
+        builder: &mut VmBuilder,
+        share: &FsShareConfig,
+    ) -> Result<(), DeviceSetError> {
+        let virtiofsd = VirtiofsdConfig::new(
+            share.virtiofsd.clone(),
+            share.dir.clone(),
+            share.socket_path.clone(),
+        );
+        let device =
+            VirtioFs::new(&FsConfig::new(share.tag.clone(), virtiofsd)).map_err(|source| {
+                DeviceSetError::Fs {
+                    tag: share.tag.clone(),
+                    dir: share.dir.display().to_string(),
+                    source,
+                }
+            })?;
+        let device = Arc::new(Mutex::new(device));
+        self.place(builder, device.clone())?;
+        self.shares.push(Share {
+            tag: share.tag.clone(),
+            dir: share.dir.display().to_string(),
+            device,
+        });
+        Ok(())
+    }
+
+    /// Wraps `device` in a transport with deferred activation and puts it on the bus.
+    fn place<D: VirtioDevice + 'static>(
+        &mut self,
+        builder: &mut VmBuilder,
+        device: Arc<Mutex<D>>,
+    ) -> Result<(), DeviceSetError> {
+        let mut transport = MmioTransport::new(builder.memory().clone(), device)?;
+        let activate_evt = transport
+            .defer_activation()
+            .map_err(DeviceSetError::EventFd)?;
+        let irq = transport
+            .interrupt()
+            .irq_evt()
+            .try_clone()
+            .map_err(DeviceSetError::EventFd)?;
+        let notify = transport
+            .queue_notify_eventfds()
+            .map_err(DeviceSetError::EventFd)?;
+        let transport = Arc::new(Mutex::new(transport));
+        builder
+            .add_mmio_device(transport.clone(), &irq, &notify)
+            .map_err(Box::new)?;
+        self.transports.push((transport, activate_evt));
+        Ok(())
+    }
+
+    /// The fds to poll for readability, each with what it means.
+    pub fn event_sources(&self) -> Vec<(RawFd, DeviceEvent)> {
+        let mut sources: Vec<_> = self
+            .transports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, evt))| (evt.as_raw_fd(), DeviceEvent::Activate(i)))
+            .collect();
+        if let Some(vsock) = &self.vsock {
+            let vsock = vsock.lock().expect("vsock lock poisoned");
+            sources.extend(
+                vsock
+                    .event_sources()
+                    .iter()
+                    .map(|&(fd, ev)| (fd, DeviceEvent::Vsock(ev))),
+            );
+        }
+        for (i, share) in self.shares.iter().enumerate() {
+            let fs = share.device.lock().expect("virtio-fs lock poisoned");
+            sources.extend(
+                fs.event_sources()
+                    .into_iter()
+                    .map(|(fd, ev)| (fd, DeviceEvent::Fs(i, ev))),
+            );
+        }
+        sources
+    }
+
+    /// Handles one ready fd. An error means the VM cannot go on (virtiofsd died, an
+    /// activation failed); vsock errors are logged, the device stays usable.
+    pub fn handle(&mut self, event: DeviceEvent, fd: RawFd) -> Result<Handled, DeviceSetError> {
+        match event {
+            DeviceEvent::Activate(i) => self.activate(i)?,
+            DeviceEvent::Vsock(ev) => self.vsock_event(ev),
+            DeviceEvent::Fs(i, ev) => {
+                let Some(share) = self.shares.get(i) else {
+                    return Ok(Handled::Continue);
+                };
+                let mut fs = share.device.lock().expect("virtio-fs lock poisoned");
+                let result = fs.process(ev);
+                if ev == FsEvent::BackendExit {
+                    result.map_err(|source| DeviceSetError::Fs {
+                        tag: share.tag.clone(),
+                        dir: share.dir.clone(),
+                        source,
+                    })?;
+                    return Ok(Handled::StopPolling(fd));
+                }
+                if let Err(e) = result {
+                    warn!("virtio-fs {:?}: {e}", share.tag);
+                }
+            }
+        }
+        Ok(Handled::Continue)
+    }
+
+    fn activate(&mut self, index: usize) -> Result<(), DeviceSetError> {
+        let Some((transport, _)) = self.transports.get(index) else {
+            return Ok(());
+        };
+        let activated = transport
+            .lock()
+            .expect("virtio transport lock poisoned")
+            .activate_pending()?;
+        if activated {
+            info!("virtio device in slot {index} activated");
+            // Queue kicks that arrived before the activation were consumed by an inactive
+            // device: look at the queues once now.
+            self.vsock_event(VsockEvent::TxQueue);
+            self.vsock_event(VsockEvent::RxQueue);
+        }
+        Ok(())
+    }
+
+    fn vsock_event(&self, event: VsockEvent) {
+        let Some(vsock) = &self.vsock else {
+            return;
+        };
+        let mut vsock = vsock.lock().expect("vsock lock poisoned");
+        if let Err(e) = vsock.process(event) {
+            warn!("vsock: {e}");
+        }
+    }
+}

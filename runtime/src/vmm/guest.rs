@@ -1,0 +1,332 @@
+//! A booted guest with its agent: what a sandbox needs from the VMM.
+//!
+//! [`GuestVm::boot`] builds a VM with a hybrid vsock device and one virtio-fs share
+//! (`share_dir`, holding `<container id>/rootfs`), runs it on its own thread (the VM's
+//! event loop drives the devices), waits for the agent's ready signal, and has the agent
+//! mount the share at [`GUEST_SHARE_DIR`]. Then [`GuestVm::agent`] opens control
+//! connections over the vsock socket.
+//!
+//! ```no_run
+//! use husk::vmm::guest::{GuestVm, GuestVmConfig};
+//! let vm = GuestVm::boot(GuestVmConfig::new("/run/husk/c1", "/run/husk/c1/share"))?;
+//! let mut agent = vm.agent()?;
+//! agent.ping()?;
+//! // CreateContainer with rootfs = vm.guest_rootfs("c1") ...
+//! vm.shutdown()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use husk_protocol::client::{AgentClient, ClientError};
+use husk_protocol::connector::HybridVsockConnector;
+
+use super::builder::{BuildError, VmBuilder};
+use super::config::{BootSource, FsShareConfig, VirtioDevicesConfig, VmConfig, VsockDeviceConfig};
+use super::devices::serial::ConsoleOutput;
+use super::devices::virtio::vsock::DEFAULT_GUEST_CID;
+use super::vm::{GuestExit, RunError, RunOptions, VmOutcome, VmStopHandle};
+use crate::artifacts::{self, Artifact, ArtifactError};
+
+/// The tag of the sandbox share.
+pub const SHARE_TAG: &str = "husk-share";
+/// Where the agent mounts the share in the guest.
+pub const GUEST_SHARE_DIR: &str = "/run/husk/share";
+/// The vsock socket's name in the run directory.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// virtiofsd's socket's name in the run directory.
+pub const VIRTIOFSD_SOCKET: &str = "virtiofsd.sock";
+/// How long a guest gets to power off after the agent's `Shutdown` before it is stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Waiting for the VM thread after a forced stop: it only has to join the vCPUs.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// Errors booting or stopping a guest.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum GuestVmError {
+    /// {0}
+    Artifact(#[from] ArtifactError),
+    /// run directory {0} does not exist; create it (it holds the VM's sockets)
+    RunDir(PathBuf),
+    /// share directory {0} does not exist; create it (it holds <container id>/rootfs)
+    ShareDir(PathBuf),
+    /// a stale socket {path} cannot be removed: {source}
+    StaleSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// building the VM failed: {0}
+    Build(Box<BuildError>),
+    /// starting the VM thread failed: {0}
+    Thread(#[source] std::io::Error),
+    /// the VM failed: {0}
+    Run(Box<RunError>),
+    /// the guest ended ({0:?}) before its agent was ready; see the guest console
+    EndedEarly(GuestExit),
+    /// the VM thread did not end within {0:?} of being stopped
+    Hung(Duration),
+    /// the agent: {0}
+    Agent(#[from] ClientError),
+}
+
+// Boxed: these are large, and errors travel through many `Result`s.
+impl From<BuildError> for GuestVmError {
+    fn from(e: BuildError) -> Self {
+        GuestVmError::Build(Box::new(e))
+    }
+}
+
+impl From<RunError> for GuestVmError {
+    fn from(e: RunError) -> Self {
+        GuestVmError::Run(Box::new(e))
+    }
+}
+
+/// What to boot.
+#[derive(Debug)]
+pub struct GuestVmConfig {
+    /// An existing directory for the VM's sockets (vsock, virtiofsd).
+    pub run_dir: PathBuf,
+    /// The host directory shared with the guest; containers' rootfs live in
+    /// `<share_dir>/<container id>/rootfs`.
+    pub share_dir: PathBuf,
+    /// Explicit artifact paths; `None` looks them up (see [`crate::artifacts`]).
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub virtiofsd: Option<PathBuf>,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub console: ConsoleOutput,
+    /// From VMM start to the agent's ready signal.
+    pub ready_timeout: Duration,
+    pub cmdline_extra: String,
+}
+
+impl GuestVmConfig {
+    pub fn new(run_dir: impl Into<PathBuf>, share_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            run_dir: run_dir.into(),
+            share_dir: share_dir.into(),
+            kernel: None,
+            initrd: None,
+            virtiofsd: None,
+            vcpus: 1,
+            mem_mib: super::config::DEFAULT_MEM_MIB,
+            console: ConsoleOutput::Log,
+            ready_timeout: Duration::from_secs(300),
+            cmdline_extra: String::new(),
+        }
+    }
+
+    fn vm_config(self) -> Result<VmConfig, GuestVmError> {
+        if !self.run_dir.is_dir() {
+            return Err(GuestVmError::RunDir(self.run_dir));
+        }
+        if !self.share_dir.is_dir() {
+            return Err(GuestVmError::ShareDir(self.share_dir));
+        }
+        let vsock_path = self.run_dir.join(VSOCK_SOCKET);
+        remove_stale_socket(&vsock_path)?;
+        let devices = VirtioDevicesConfig {
+            vsock: Some(VsockDeviceConfig {
+                uds_path: vsock_path,
+                guest_cid: DEFAULT_GUEST_CID,
+            }),
+            shares: vec![FsShareConfig {
+                tag: SHARE_TAG.into(),
+                dir: self.share_dir,
+                virtiofsd: artifacts::locate(Artifact::Virtiofsd, self.virtiofsd.as_deref())?,
+                socket_path: self.run_dir.join(VIRTIOFSD_SOCKET),
+            }],
+        };
+        let mut config = VmConfig::new(BootSource::Linux {
+            kernel: artifacts::locate(Artifact::Kernel, self.kernel.as_deref())?,
+            initrd: Some(artifacts::locate(Artifact::Initrd, self.initrd.as_deref())?),
+            cmdline_extra: self.cmdline_extra,
+        });
+        config.vcpus = self.vcpus;
+        config.mem_mib = self.mem_mib;
+        config.console = self.console;
+        config.devices = devices;
+        Ok(config)
+    }
+}
+
+/// A socket left by a VMM that was killed would make the bind fail; anything else at
+/// that path is not ours to remove (the bind then fails with a clear error).
+fn remove_stale_socket(path: &Path) -> Result<(), GuestVmError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|source| GuestVmError::StaleSocket {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A running guest whose agent is ready. Dropping it stops the VM (devices, virtiofsd
+/// and sockets go with it).
+pub struct GuestVm {
+    connector: HybridVsockConnector,
+    share_dir: PathBuf,
+    started_at: Instant,
+    ready_after: Duration,
+    stop: VmStopHandle,
+    done: Receiver<Result<VmOutcome, RunError>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl GuestVm {
+    /// Boots the VM and returns once the agent is ready and has mounted the share.
+    pub fn boot(config: GuestVmConfig) -> Result<Self, GuestVmError> {
+        let ready_timeout = config.ready_timeout;
+        let share_dir = config.share_dir.clone();
+        let vsock_path = config.run_dir.join(VSOCK_SOCKET);
+        let mut vm = VmBuilder::new(config.vm_config()?)?.start()?;
+        let started_at = vm.started_at();
+        let (ready_tx, ready_rx) = channel();
+        vm.notify_ready(ready_tx);
+        let stop = vm.stop_handle().map_err(GuestVmError::Thread)?;
+        let (done_tx, done) = channel();
+        let opts = RunOptions {
+            until_ready: false,
+            ready_timeout: Some(ready_timeout),
+        };
+        let thread = std::thread::Builder::new()
+            .name("husk-vmm".into())
+            .spawn(move || {
+                let result = vm.wait(opts);
+                // Drop the VM (and with it the vsock streams and virtiofsd) before
+                // reporting, so whoever sees the result sees the host ends closed.
+                drop(vm);
+                let _ = done_tx.send(result);
+            })
+            .map_err(GuestVmError::Thread)?;
+        let mut guest = Self {
+            connector: HybridVsockConnector::new(vsock_path),
+            share_dir,
+            started_at,
+            ready_after: Duration::ZERO,
+            stop,
+            done,
+            thread: Some(thread),
+        };
+        // The event loop enforces the ready deadline; the margin only guards against a
+        // VM thread that never reports.
+        match ready_rx.recv_timeout(ready_timeout + STOP_WAIT) {
+            Ok(after) => guest.ready_after = after,
+            Err(_) => return Err(guest.ended_before_ready()),
+        }
+        guest
+            .agent()?
+            .mount_share(SHARE_TAG, GUEST_SHARE_DIR, false)?;
+        Ok(guest)
+    }
+
+    fn ended_before_ready(mut self) -> GuestVmError {
+        match self.stop_and_wait() {
+            Ok(outcome) => GuestVmError::EndedEarly(outcome.exit),
+            Err(e) => e,
+        }
+    }
+
+    /// A new control connection to the agent (after the `Hello` exchange).
+    pub fn agent(&self) -> Result<AgentClient, ClientError> {
+        AgentClient::connect(&self.connector)
+    }
+
+    /// The connector for the agent's ports (control and stdio streams).
+    pub fn connector(&self) -> &HybridVsockConnector {
+        &self.connector
+    }
+
+    /// The host directory shared with the guest.
+    pub fn share_dir(&self) -> &Path {
+        &self.share_dir
+    }
+
+    /// Where the host puts container `id`'s rootfs.
+    pub fn host_rootfs(&self, id: &str) -> PathBuf {
+        self.share_dir.join(id).join("rootfs")
+    }
+
+    /// The same rootfs as the agent sees it (for `CreateContainer`).
+    pub fn guest_rootfs(&self, id: &str) -> PathBuf {
+        Path::new(GUEST_SHARE_DIR).join(id).join("rootfs")
+    }
+
+    /// When the VMM started.
+    pub fn started_at(&self) -> Instant {
+        self.started_at
+    }
+
+    /// Time from VMM start to the agent's ready signal.
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// Waits up to `timeout` for the VM to end on its own; `Ok(None)` if it still runs.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Option<VmOutcome>, GuestVmError> {
+        match self.done.recv_timeout(timeout) {
+            Ok(result) => {
+                self.join();
+                Ok(Some(result?))
+            }
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => {
+                self.join();
+                Err(GuestVmError::Hung(timeout))
+            }
+        }
+    }
+
+    /// Asks the agent to power the guest off; stops the VM if it has not ended within
+    /// 30 s (or the agent cannot be reached).
+    pub fn shutdown(mut self) -> Result<VmOutcome, GuestVmError> {
+        let asked = self.agent().and_then(|mut agent| agent.shutdown());
+        if let Err(e) = &asked {
+            log::warn!("agent shutdown failed, stopping the VM: {e}");
+        } else if let Some(outcome) = self.wait(SHUTDOWN_GRACE)? {
+            return Ok(outcome);
+        }
+        self.stop_and_wait()
+    }
+
+    /// Stops the VM now, without asking the guest.
+    pub fn kill(mut self) -> Result<VmOutcome, GuestVmError> {
+        self.stop_and_wait()
+    }
+
+    fn stop_and_wait(&mut self) -> Result<VmOutcome, GuestVmError> {
+        if self.thread.is_none() {
+            return Err(GuestVmError::Hung(Duration::ZERO));
+        }
+        // The VM thread may have ended already; then the write has nobody to wake.
+        let _ = self.stop.stop();
+        self.wait(STOP_WAIT)?.ok_or(GuestVmError::Hung(STOP_WAIT))
+    }
+
+    fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the VM thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for GuestVm {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            if let Err(e) = self.stop_and_wait() {
+                log::error!("stopping the guest VM: {e}");
+            }
+        }
+    }
+}
