@@ -44,6 +44,7 @@ impl Args {
             no_new_keyring: self.no_new_keyring,
             preserve_fds: self.preserve_fds,
             foreground,
+            stdio: Default::default(),
         })
     }
 }

@@ -104,6 +104,7 @@ pub fn run(args: Args, g: &Global) -> anyhow::Result<ExitCode> {
         preserve_fds: args.preserve_fds,
         no_new_privs: args.no_new_privs,
         capabilities: args.cap,
+        stdio: Default::default(),
     };
     if !opts.detach {
         lifecycle::become_subreaper()?;

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt};
@@ -18,7 +19,7 @@ use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use oci_spec::runtime::LinuxResources;
 
-use super::{CreateOptions, ExecOptions, Sandbox, SandboxError};
+use super::{CreateOptions, ExecOptions, Sandbox, SandboxError, Stdio};
 use crate::oci::{Bundle, Entry, Status};
 
 /// Where, inside the store entry, libcontainer keeps its root.
@@ -123,15 +124,26 @@ impl ContainerSandbox {
         entry: &Entry,
         console_socket: Option<&PathBuf>,
         preserve_fds: i32,
+        stdio: &Stdio,
         op: &'static str,
     ) -> Result<ContainerBuilder, SandboxError> {
-        ContainerBuilder::new(entry.id().to_string(), SyscallType::default())
+        let mut builder = ContainerBuilder::new(entry.id().to_string(), SyscallType::default())
             .with_root_path(root(entry))
             .map_err(map_err(entry.id(), op))?
             .with_console_socket(console_socket)
-            .with_preserved_fds(preserve_fds)
-            .validate_id()
-            .map_err(map_err(entry.id(), op))
+            .with_preserved_fds(preserve_fds);
+        // libcontainer closes the fds it is given: hand it duplicates, the caller keeps its own.
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(io_err(entry.id(), op));
+        if let Some(fd) = &stdio.stdin {
+            builder = builder.with_stdin(dup(fd)?);
+        }
+        if let Some(fd) = &stdio.stdout {
+            builder = builder.with_stdout(dup(fd)?);
+        }
+        if let Some(fd) = &stdio.stderr {
+            builder = builder.with_stderr(dup(fd)?);
+        }
+        builder.validate_id().map_err(map_err(entry.id(), op))
     }
 }
 
@@ -152,6 +164,7 @@ impl Sandbox for ContainerSandbox {
                 entry,
                 opts.console_socket.as_ref(),
                 opts.preserve_fds,
+                &opts.stdio,
                 "create",
             )?
             .as_init(&bundle.path)
@@ -234,6 +247,7 @@ impl Sandbox for ContainerSandbox {
                 entry,
                 opts.console_socket.as_ref(),
                 opts.preserve_fds,
+                &opts.stdio,
                 "exec",
             )?
             .as_tenant()

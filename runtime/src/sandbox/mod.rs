@@ -14,7 +14,9 @@ pub mod lifecycle;
 pub mod signal;
 pub mod vm;
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use oci_spec::runtime::LinuxResources;
 
@@ -33,6 +35,18 @@ pub struct CreateOptions {
     pub preserve_fds: i32,
     /// `husk run` without --detach: the container's stdio is husk's own, which waits.
     pub foreground: bool,
+    /// The container process's stdio (the shim's FIFOs); unset ones are the caller's own.
+    pub stdio: Stdio,
+}
+
+/// Files to use as a process's stdin, stdout and stderr instead of the caller's
+/// (the containerd shim hands over the FIFOs containerd made). Shared, because a
+/// backend dups them into the process it starts.
+#[derive(Debug, Clone, Default)]
+pub struct Stdio {
+    pub stdin: Option<Arc<OwnedFd>>,
+    pub stdout: Option<Arc<OwnedFd>>,
+    pub stderr: Option<Arc<OwnedFd>>,
 }
 
 /// A process to start in a running container (`husk exec`).
@@ -53,6 +67,8 @@ pub struct ExecOptions {
     pub preserve_fds: i32,
     pub no_new_privs: bool,
     pub capabilities: Vec<String>,
+    /// The process's stdio; unset ones are the caller's own.
+    pub stdio: Stdio,
 }
 
 /// Errors of sandbox backends.
