@@ -11,6 +11,8 @@ APT_PACKAGES=(
     libseccomp-dev libcap-ng-dev # libcontainer (static libseccomp.a for the agent), virtiofsd
     busybox-static cpio          # the demo/test rootfs; cpio for inspecting initramfs files
     runc                         # reference runtime for the CLI conformance suite
+    containerd docker.io         # engines driving husk in the full-path shim and Docker tests
+    strace                       # deriving the seccomp allowlists (runtime/seccomp)
     flex bison libelf-dev bc xz-utils linux-source-6.1 # the guest kernel
 )
 
