@@ -12,7 +12,6 @@ APT_PACKAGES=(
     busybox-static cpio          # the demo/test rootfs; cpio for inspecting initramfs files
     runc                         # reference runtime for the CLI conformance suite
     containerd docker.io         # engines driving husk in the full-path shim and Docker tests
-    strace                       # deriving the seccomp allowlists (runtime/seccomp)
     flex bison libelf-dev bc xz-utils linux-source-6.1 # the guest kernel
 )
 
