@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# husk vs QEMU microvm, booting the same guest kernel and initramfs with the same kernel
+# command line, alternating (husk, QEMU, husk, QEMU, ...) in one run; prints every boot,
+# then the medians and the ratio husk/QEMU for time to `Run /init` and to agent ready.
+# A benchmark, not a test: it prints figures, it asserts nothing.
+#
+# Usage: bench/boot_vs_qemu.sh [RUNS]          (default 3 boots per VMM)
+# Environment:
+#   HUSK_BIN                 default target/release/husk, else target/debug/husk
+#   HUSK_KERNEL, HUSK_INITRD default target/husk/vmlinux, target/husk/initramfs.cpio
+#   VCPUS (1), MEM_MIB (128), CPU_TEMPLATE (husk's --cpu-template, default: husk's default)
+#   EXTRA                    kernel arguments added for both VMMs (e.g. "quiet")
+#   TIMEOUT_S (300)          per boot
+#
+# How time is measured, the same way for both VMMs: the clock starts just before the VMM
+# process is spawned; each console line is stamped by the same perl filter as it arrives
+# on the VMM's stdout. `Run /init` is the kernel's "Run /init as init process" line;
+# ready is the agent's "husk-agent: ready" console line. The console line is used for
+# both rather than husk's port-0x440 boot timer (QEMU microvm has no device there; an
+# isa-debugcon on 0x440 would be observed through a different path than husk's). husk's
+# own in-VMM figure (its boot timer saw the agent's port write) is printed too, as a
+# cross-check. The only command-line difference: husk's `vmm boot` adds the agent's
+# power-off-after-ready flag (an argument for /init, not for the kernel).
+#
+# Every boot holds /tmp/husk-vm.lock (one real guest at a time on this machine).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+runs=${1:-3}
+vcpus=${VCPUS:-1}
+mem=${MEM_MIB:-128}
+timeout_s=${TIMEOUT_S:-300}
+extra=${EXTRA:-}
+kernel=${HUSK_KERNEL:-$repo/target/husk/vmlinux}
+initrd=${HUSK_INITRD:-$repo/target/husk/initramfs.cpio}
+bin=${HUSK_BIN:-}
+if [ -z "$bin" ]; then
+    for candidate in "$repo/target/release/husk" "$repo/target/debug/husk"; do
+        if [ -x "$candidate" ]; then bin=$candidate; break; fi
+    done
+fi
+die() { echo "boot_vs_qemu: $*" >&2; exit 1; }
+[ -n "$bin" ] && [ -x "$bin" ] || die "no husk binary: run cargo build -p husk"
+[ -f "$kernel" ] || die "no guest kernel at $kernel: run scripts/setup.sh"
+[ -f "$initrd" ] || die "no initramfs at $initrd: run scripts/setup.sh"
+
+# Setup: QEMU from Debian's package (the peer VMM of shared/substrate.md).
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    [ "$(id -u)" -eq 0 ] || die "qemu-system-x86_64 missing: apt-get install qemu-system-x86"
+    echo "installing qemu-system-x86 (Debian package) ..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null
+fi
+
+# The command line husk gives a guest (runtime/src/vmm/boot/cmdline.rs), for QEMU too.
+cmdline="$(cat "$repo/guest-kernel-config/cmdline.base")"
+if [ -d /sys/module/kvm_pvm ]; then
+    cmdline="$cmdline $(cat "$repo/guest-kernel-config/cmdline.pvm")"
+fi
+cmdline="$cmdline $extra"
+template_arg=()
+[ -n "${CPU_TEMPLATE:-}" ] && template_arg=(--cpu-template "$CPU_TEMPLATE")
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# Stamps each line with the seconds since $T0.
+stamp() { perl -MTime::HiRes=time -ne 'BEGIN { $| = 1 } printf "%.3f %s", time - $ENV{T0}, $_'; }
+
+# Seconds at which the first line matching $2 appeared in log $1, or "-".
+seen_at() { awk -v pat="$2" 'index($0, pat) { print $1; found = 1; exit } END { if (!found) print "-" }' "$1"; }
+
+# One boot under the lock. $1 = husk|qemu, $2 = log file.
+boot_once() {
+    local vmm=$1 log=$2
+    : >"$log"
+    export T0
+    T0=$EPOCHREALTIME
+    if [ "$vmm" = husk ]; then
+        # Without --until-ready the agent prints its ready line, then powers off.
+        "$bin" vmm boot --kernel "$kernel" --initrd "$initrd" --vcpus "$vcpus" \
+            --mem-mib "$mem" "${template_arg[@]}" --timeout "$timeout_s" \
+            --cmdline-extra "$extra" </dev/null > >(stamp >>"$log") 2>&1 &
+    else
+        qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off -enable-kvm \
+            -cpu qemu64,+x2apic,+xsaveerptr -m "$mem" -smp "$vcpus" -nographic -no-reboot \
+            -kernel "$kernel" -initrd "$initrd" -append "$cmdline" \
+            </dev/null > >(stamp >>"$log") 2>&1 &
+    fi
+    local pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        if grep -q 'husk-agent: ready' "$log"; then break; fi
+        if grep -q 'KVM internal error\|Kernel panic' "$log"; then break; fi
+        if [ "$(awk -v a="$EPOCHREALTIME" -v b="$T0" 'BEGIN { print (a - b > '"$timeout_s"') }')" = 1 ]; then
+            break
+        fi
+        sleep 0.1
+    done
+    # QEMU is stopped here; husk ends by itself (the agent powers off after ready) and
+    # then prints its boot timer's figure.
+    if [ "$vmm" = qemu ]; then kill "$pid" 2>/dev/null || true; fi
+    wait "$pid" 2>/dev/null || true
+    sleep 0.2 # let the stamper drain
+}
+
+median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+echo "boot_vs_qemu: $runs boots each, alternating; ${vcpus} vCPU, ${mem} MiB"
+echo "  kernel $kernel"
+echo "  initrd $initrd ($(stat -c %s "$initrd") bytes)"
+echo "  husk   $bin ${template_arg[*]:-(default CPU template)}"
+echo "  qemu   $(qemu-system-x86_64 --version | head -1), -cpu qemu64,+x2apic,+xsaveerptr"
+echo "  other builds or tests may share the 2 cores during these runs"
+printf '%-5s %-4s %10s %10s %14s\n' vmm run run_init_s ready_s husk_port_ms
+for run in $(seq 1 "$runs"); do
+    for vmm in husk qemu; do
+        log=$work/$vmm.$run.log
+        flock /tmp/husk-vm.lock bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra cmdline); boot_once $vmm $log"
+        init=$(seen_at "$log" 'Run /init as init process')
+        ready=$(seen_at "$log" 'husk-agent: ready')
+        port=$(sed -n 's/.*boot: ready after \([0-9]*\) ms.*/\1/p' "$log" | tail -1)
+        printf '%-5s %-4s %10s %10s %14s\n' "$vmm" "$run" "$init" "$ready" "${port:--}"
+        echo "$init" >>"$work/$vmm.init"
+        echo "$ready" >>"$work/$vmm.ready"
+        if [ "$run" = 1 ]; then
+            echo "      $vmm command line: $(grep -m1 -o 'Command line: .*' "$log" || echo '?')"
+        fi
+        if [ "$ready" = - ]; then
+            echo "      $vmm gave no ready line; last console lines:"
+            tail -5 "$log" | sed 's/^/        /'
+        fi
+    done
+done
+
+echo
+printf '%-22s %10s %10s %12s\n' median husk_s qemu_s husk/qemu
+for what in init ready; do
+    h=$(grep -v '^-$' "$work/husk.$what" | median)
+    q=$(grep -v '^-$' "$work/qemu.$what" | median)
+    ratio=$(awk -v h="$h" -v q="$q" 'BEGIN { if (h == "-" || q == "-" || q == 0) print "-"; else printf "%.2f", h / q }')
+    label=$([ "$what" = init ] && echo "Run /init" || echo "agent ready")
+    printf '%-22s %10s %10s %12s\n' "$label" "$h" "$q" "$ratio"
+done
