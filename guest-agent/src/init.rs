@@ -33,6 +33,11 @@ pub enum InitError {
     Hostname(nix::Error),
     /// bringing up the loopback interface failed (is CONFIG_NET in the guest kernel?): {0}
     Loopback(nix::Error),
+    /// moving / onto a bind mount of the initramfs failed at {step}: {source}
+    RootBind {
+        step: &'static str,
+        source: nix::Error,
+    },
 }
 
 /// The guest's hostname; containers with a UTS namespace set their own from the spec.
@@ -168,8 +173,31 @@ fn loopback_up() -> Result<(), InitError> {
     Ok(())
 }
 
+/// The initramfs is the kernel's initial root mount, which has no parent, and
+/// pivot_root(2) refuses to move such a root (EINVAL): every container's pivot_root
+/// would fail. Stacking a bind mount of the initramfs on top of it and chrooting into
+/// that gives a root with a parent, without copying a byte (cheaper here than switching
+/// to a new tmpfs: each copied page costs emulated kernel time).
+fn root_off_initramfs() -> Result<(), InitError> {
+    use nix::unistd::{chdir, chroot};
+    let err = |step| move |source| InitError::RootBind { step, source };
+    const STAGE: &str = "/.husk-root";
+    std::fs::create_dir_all(STAGE).map_err(|source| InitError::MountPoint {
+        target: STAGE,
+        source,
+    })?;
+    mount(Some("/"), STAGE, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(err("bind / on /.husk-root"))?;
+    chdir(STAGE).map_err(err("chdir /.husk-root"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(err("move the bind mount onto /"))?;
+    chroot(".").map_err(err("chroot"))?;
+    chdir("/").map_err(err("chdir /"))
+}
+
 /// Everything PID 1 does before it can serve the host.
 pub fn prepare_guest() -> Result<(), InitError> {
+    root_off_initramfs()?;
     mount_base()?;
     nix::unistd::sethostname(HOSTNAME).map_err(InitError::Hostname)?;
     loopback_up()
