@@ -198,6 +198,9 @@ fn two_vms_restored_from_one_snapshot_do_not_see_each_others_writes() {
     assert_eq!(read(c.memory(), COUNTER), at_snapshot);
 }
 
+/// A change made to a good snapshot file.
+type Patch = Box<dyn FnOnce(&mut Vec<u8>)>;
+
 /// The error of restoring `path` into the counter program's configuration.
 fn restore_error(path: &Path, config: VmConfig) -> SnapshotError {
     let result = VmBuilder::restore(config, path).and_then(VmBuilder::start);
@@ -226,7 +229,7 @@ fn corrupt_or_mismatched_snapshots_are_rejected_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.snap");
     snapshot_running_counter(&good, 1_000);
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Patch, &str)> = vec![
         ("magic", Box::new(|b| b[0] = b'X'), "not a husk snapshot"),
         (
             "version",
