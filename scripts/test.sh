@@ -50,6 +50,7 @@ cargo_tests() {
 
 run_tier "lint: rustfmt" cargo fmt --all --check
 run_tier "lint: clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
+run_tier "lint: bench selftest" bash bench/selftest.sh
 run_tier "tier 1: unit tests" cargo test --workspace --exclude husk-tests
 mapfile -t host_targets < <(targets 0)
 run_tier "tier 2: host integration" cargo_tests "" "${host_targets[@]}"

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Memory per running sandbox: K husk vm containers running `sleep` (started together with
+# `husk run -d`), then, per sandbox: the VMM daemon's own RSS (VmRSS - RssShmem), guest
+# memory touched (RssShmem: guest RAM is a shared memfd), and virtiofsd's RSS (all its
+# processes). RSS counts shared pages (binary text) once per process. A runc container
+# running the same `sleep` is measured alongside for scale.
+#
+# Usage: bench/memory.sh K     The caller holds the VM lock (run.sh does).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+k=$1
+work=$(mktemp -d /tmp/husk-bench-mem.XXXXXX)
+export BENCH_CMD_LOG=$work/cmd.log
+cleanup() {
+    local id
+    for id in $("$HUSK_BIN" --root "$work/root" list -q 2>/dev/null); do
+        "$HUSK_BIN" --root "$work/root" delete --force "$id" >/dev/null 2>&1 || true
+    done
+    runc --root "$work/runc" delete --force memref >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+make_bundle "$work/b" sleep 3600
+
+# descendants PID: every process under PID.
+descendants() {
+    local c
+    # shellcheck disable=SC2013 # the files hold space-separated pids
+    for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do echo "$c"; descendants "$c"; done
+}
+
+key=mem-$k
+bench_log "starting $k husk vm sandbox(es) together (~45 s boot each, sharing 2 cores)"
+pids=()
+for i in $(seq "$k"); do
+    "$HUSK_BIN" --root "$work/root" --isolation vm run -d -b "$work/b" --pid-file "$work/pid$i" "m$i" >>"$BENCH_CMD_LOG" 2>&1 &
+    pids+=($!)
+done
+failed=
+for p in "${pids[@]}"; do wait "$p" || failed="husk run -d --isolation vm failed: $(tail -1 "$BENCH_CMD_LOG")"; done
+if [ -n "$failed" ]; then
+    for what in "VMM own RSS" "virtiofsd RSS" "guest memory touched"; do
+        record_na "$key" "$what, $k sandbox(es), per sandbox" husk-vm "$failed"
+    done
+    exit 0
+fi
+sleep 3
+own=() vfs=() guest=()
+for i in $(seq "$k"); do
+    d=$(cat "$work/pid$i")
+    rss=$(kib VmRSS "$d") shmem=$(kib RssShmem "$d")
+    own+=("$(( (rss - shmem) / 1024 ))")
+    guest+=("$(( shmem / 1024 ))")
+    v=0
+    for c in $(descendants "$d"); do
+        if [ "$(cat /proc/"$c"/comm 2>/dev/null)" = virtiofsd ]; then v=$(( v + $(kib VmRSS "$c") )); fi
+    done
+    vfs+=("$(awk -v v="$v" 'BEGIN { printf "%.1f", v / 1024 }')")
+done
+record "$key" "VMM own RSS, $k sandbox(es), per sandbox" husk-vm MiB "${own[@]}"
+record "$key" "virtiofsd RSS, $k sandbox(es), per sandbox" husk-vm MiB "${vfs[@]}"
+record "$key" "guest memory touched, $k sandbox(es), per sandbox" husk-vm MiB "${guest[@]}"
+
+if [ "$k" = 1 ]; then
+    runc --root "$work/runc" run -d -b "$work/b" --pid-file "$work/runc.pid" memref >>"$BENCH_CMD_LOG" 2>&1 </dev/null
+    sleep 1
+    r=$(kib VmRSS "$(cat "$work/runc.pid")")
+    record "$key" "container process RSS (no VMM), 1 sandbox" runc MiB "$(awk -v v="$r" 'BEGIN { printf "%.1f", v / 1024 }')"
+fi

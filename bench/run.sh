@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# husk benchmarks, one entry point: measures husk (vm and container isolation) side by side
+# with runc and crun on this machine, in one run, alternating runtimes, several runs each,
+# and writes the medians, spread and ratios against runc to docs/perf.md. It prints
+# figures; it never fails on a time.
+#
+# Usage: bench/run.sh [--quick] [--out FILE] [--help]
+#   --quick     a few minutes: fewer runs; of the VM rows only one cold boot
+#   --out FILE  where to write the Markdown report (default docs/perf.md)
+#
+# Measurements (one script each, all sourcing bench/lib.sh):
+#   bench/start.sh     start to first output and full `run` of `true`: husk-vm,
+#                      husk-container, runc, crun (crun in a private mount namespace that
+#                      hides cgroup2's controllers file: see crun_ns_start in lib.sh)
+#   bench/boot.sh      cold boot to agent ready (+ VMM memory during boot), restored start
+#   bench/memory.sh    memory per running sandbox (VMM, virtiofsd, guest), 1 and 4 sandboxes
+#   bench/engines.sh   `ctr run` and `docker run` end to end, husk vs runc
+#   bench/virtiofs.sh  virtio-fs sequential write/read vs the host
+# A row whose prerequisite is missing is written as "n/a: reason"; the others still run.
+#
+# Every guest boot needs /tmp/husk-vm.lock: run.sh holds it for the whole run (one lock
+# wait, quieter figures). Builds and tests of other engineers may still use the 2 cores.
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+
+quick=
+out=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) quick=1 ;;
+        --out) out=$2; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+out=${out:-$BENCH_REPO/docs/perf.md}
+cd "$BENCH_REPO"
+
+# Hold the VM lock for the whole run (re-exec under flock; -o: children do not keep it).
+if [ -z "${BENCH_LOCKED:-}" ]; then
+    bench_log "waiting for $HUSK_VM_LOCK (other engineers' guests run one at a time) ..."
+    BENCH_LOCKED=1 exec flock -o "$HUSK_VM_LOCK" "$0" ${quick:+--quick} --out "$out"
+fi
+bench_log "holding $HUSK_VM_LOCK"
+
+# Prerequisites: the build (scripts/setup.sh) and the runtimes to compare with.
+if [ ! -x "$HUSK_BIN" ] || [ ! -f target/husk/busybox-oci.tar ]; then
+    bench_log "husk not built: running scripts/setup.sh"
+    bash scripts/setup.sh
+fi
+missing=()
+for pkg_cmd in crun:crun runc:runc containerd:containerd docker.io:dockerd; do
+    command -v "${pkg_cmd#*:}" >/dev/null || missing+=("${pkg_cmd%%:*}")
+done
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
+    bench_log "installing ${missing[*]} (Debian packages)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || true
+fi
+
+results=$(mktemp /tmp/husk-bench-results.XXXXXX)
+trap 'rm -f "$results"' EXIT
+export BENCH_RESULTS=$results HUSK_BIN
+
+started=$(date -u '+%Y-%m-%d %H:%M UTC')
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+t0=$(now_us)
+skipped() { record_na "$1" "$2" "$3" "skipped (--quick)"; }
+if [ -n "$quick" ]; then
+    bash bench/start.sh 5 0 husk-container runc crun
+    skipped start-first "start to first output (\`echo ready\`)" husk-vm
+    skipped start-full "full \`run\` of \`true\`" husk-vm
+    bash bench/boot.sh 1
+    skipped mem-1 "memory per running sandbox (1 and 4 sandboxes)" husk-vm
+    bash bench/engines.sh 3
+    skipped vfs-write "virtio-fs sequential write and read vs host" husk-vm
+else
+    bash bench/start.sh 10 3 husk-vm husk-container runc crun
+    bash bench/boot.sh 3
+    bash bench/memory.sh 1
+    bash bench/memory.sh 4
+    bash bench/engines.sh 10
+    bash bench/virtiofs.sh 2
+fi
+took=$(awk -v a="$t0" -v b="$(now_us)" 'BEGIN { printf "%.1f", (b - a) / 60e6 }')
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+
+commit=$(git rev-parse --short HEAD)
+git diff --quiet HEAD -- runtime guest-agent shim rootfs-builder 2>/dev/null || commit="$commit (+ uncommitted changes in the source)"
+
+# Markdown: one table per group; ratio = median / median of runc (else host) of the same
+# measurement.
+render() {
+    cat <<EOF
+# husk performance figures
+
+Written by \`bench/run.sh${quick:+ --quick}\` (see bench/README.md); do not edit by hand.
+Medians of alternating runs (runtimes interleaved in each round) with their spread
+(min - max); ratio = median / median of runc (host for virtio-fs) for the same measurement.
+Figures of one run only are comparable: other engineers' builds and tests shared the
+machine's 2 cores during this run (load average before: $load_before, after: $load_after).
+
+- machine: $(host_note)
+- date: $started; the run took $took min
+- commit: $commit, debug build of \`husk\` (\`target/debug\`)
+- runc $(runc --version 2>/dev/null | awk 'NR == 1 { print $3 }'), crun $(crun --version 2>/dev/null | awk 'NR == 1 { print $3 }'), containerd $(containerd --version 2>/dev/null | awk '{ print $3 }'), docker $(dockerd --version 2>/dev/null | awk '{ print $3 }' | tr -d ,)
+- guest (husk-vm): 1 vCPU, 128 MiB, the busybox bundle on virtio-fs; PVM host, where every
+  guest kernel instruction is emulated (shared/substrate.md): boot takes ~40 s here
+- crun: runs in a private mount namespace where cgroup2's controllers file is hidden by an
+  empty bind mount (it refuses hybrid cgroup hosts); the \`nsenter\` it needs is timed alone
+EOF
+    local group keys
+    while IFS='|' read -r group keys; do
+        printf '\n## %s\n\n| measurement | runtime | median | min - max | n | ratio |\n| --- | --- | --- | --- | --- | --- |\n' "$group"
+        awk -F'\t' -v keys="$keys" '
+            BEGIN { n = split(keys, k, " "); for (i = 1; i <= n; i++) order[k[i]] = i }
+            ($1 in order) { row[++rows] = $0
+                if ($4 != "n/a" && ($3 == "runc" || ($3 == "host" && !(($1 SUBSEP $2) in base)))) base[$1, $2] = $6 }
+            END {
+                for (i = 1; i <= n; i++) for (r = 1; r <= rows; r++) {
+                    split(row[r], f, "\t"); if (f[1] != k[i]) continue
+                    if (f[4] == "n/a") { printf "| %s | %s | n/a: %s | | | |\n", f[2], f[3], f[5]; continue }
+                    ratio = ""
+                    if ((f[1], f[2]) in base && base[f[1], f[2]] > 0) ratio = sprintf("%.2f", f[6] / base[f[1], f[2]])
+                    spread = (f[5] > 1) ? f[7] " - " f[8] : ""
+                    printf "| %s | %s | %s %s | %s | %s | %s |\n", f[2], f[3], f[6], f[4], spread, f[5], ratio
+                }
+            }' "$results"
+    done <<'EOF'
+Container start (same busybox bundle)|start-first start-full
+VM boot|boot-cold boot-restore
+Memory|mem-boot mem-1 mem-4
+Engines end to end (busybox image)|engine-ctr engine-docker
+virtio-fs vs host|vfs-write vfs-read
+EOF
+}
+mkdir -p "$(dirname "$out")"
+render >"$out"
+cat "$out"
+bench_log "wrote $out (took $took min)"
