@@ -7,6 +7,7 @@
 # Usage: bench/run.sh [--quick] [--out FILE] [--help]
 #   --quick     a few minutes: fewer runs; of the VM rows only one cold boot
 #   --out FILE  where to write the Markdown report (default docs/perf.md)
+#   --render TSV  measure nothing: render a results file kept by an earlier run
 #
 # Measurements (one script each, all sourcing bench/lib.sh):
 #   bench/start.sh     start to first output and full `run` of `true`: husk-vm,
@@ -22,15 +23,20 @@
 # wait, quieter figures), --quick only around its cold boot. Builds and tests of other
 # engineers may still use the 2 cores (the report gives the load average).
 set -euo pipefail
+# The whole script is one { ... } block, so bash reads it completely before running it:
+# editing this file during a (long) run cannot change what the run does.
+{
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 quick=
 out=
+render_only=
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --out) out=$2; shift ;;
+        --render) render_only=$2; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -40,60 +46,6 @@ done
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 out=${out:-$BENCH_REPO/docs/perf.md}
 cd "$BENCH_REPO"
-
-# The full run holds the VM lock throughout (re-exec under flock; -o: children do not keep
-# it): one lock wait, quieter figures. --quick takes it only around its one cold boot.
-if [ -z "$quick" ] && [ -z "${BENCH_LOCKED:-}" ]; then
-    bench_log "waiting for $HUSK_VM_LOCK (other engineers' guests run one at a time) ..."
-    BENCH_LOCKED=1 exec flock -o "$HUSK_VM_LOCK" "$0" --out "$out"
-fi
-[ -z "${BENCH_LOCKED:-}" ] || bench_log "holding $HUSK_VM_LOCK for the whole run"
-with_vm_lock() {
-    if [ -n "${BENCH_LOCKED:-}" ]; then "$@"; return; fi
-    bench_log "waiting for $HUSK_VM_LOCK (other engineers' guests run one at a time) ..."
-    flock -o "$HUSK_VM_LOCK" "$@"
-}
-
-# Prerequisites: the build (scripts/setup.sh) and the runtimes to compare with.
-if [ ! -x "$HUSK_BIN" ] || [ ! -f target/husk/busybox-oci.tar ]; then
-    bench_log "husk not built: running scripts/setup.sh"
-    bash scripts/setup.sh
-fi
-missing=()
-for pkg_cmd in crun:crun runc:runc containerd:containerd docker.io:dockerd; do
-    command -v "${pkg_cmd#*:}" >/dev/null || missing+=("${pkg_cmd%%:*}")
-done
-if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
-    bench_log "installing ${missing[*]} (Debian packages)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || true
-fi
-
-results=$(mktemp /tmp/husk-bench-results.XXXXXX)
-trap 'rm -f "$results"' EXIT
-export BENCH_RESULTS=$results HUSK_BIN
-
-started=$(date -u '+%Y-%m-%d %H:%M UTC')
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-t0=$(now_us)
-skipped() { record_na "$1" "$2" "$3" "skipped (--quick)"; }
-if [ -n "$quick" ]; then
-    bash bench/start.sh 5 0 husk-container runc crun
-    skipped start-first "start to first output (\`echo ready\`)" husk-vm
-    skipped start-full "full \`run\` of \`true\`" husk-vm
-    with_vm_lock bash bench/boot.sh 1
-    skipped mem-1 "memory per running sandbox (1 and 4 sandboxes)" husk-vm
-    bash bench/engines.sh 3
-    skipped vfs-write "virtio-fs sequential write and read vs host" husk-vm
-else
-    bash bench/start.sh 10 3 husk-vm husk-container runc crun
-    bash bench/boot.sh 3
-    bash bench/memory.sh 1
-    bash bench/memory.sh 4
-    bash bench/engines.sh 10
-    bash bench/virtiofs.sh 2
-fi
-took=$(awk -v a="$t0" -v b="$(now_us)" 'BEGIN { printf "%.1f", (b - a) / 60e6 }')
-load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 commit=$(git rev-parse --short HEAD)
 git diff --quiet HEAD -- runtime guest-agent shim rootfs-builder 2>/dev/null || commit="$commit (+ uncommitted changes in the source)"
@@ -144,7 +96,69 @@ Engines end to end (busybox image)|engine-ctr engine-docker
 virtio-fs vs host|vfs-write vfs-read
 EOF
 }
+if [ -n "$render_only" ]; then
+    results=$render_only started="(see the run)" took="?" load_before="?" load_after="?"
+    render >"$out"
+    cat "$out"
+    exit 0
+fi
+
+# The full run holds the VM lock throughout (re-exec under flock; -o: children do not keep
+# it): one lock wait, quieter figures. --quick takes it only around its one cold boot.
+if [ -z "$quick" ] && [ -z "${BENCH_LOCKED:-}" ]; then
+    bench_log "waiting for $HUSK_VM_LOCK (other engineers' guests run one at a time) ..."
+    BENCH_LOCKED=1 exec flock -o "$HUSK_VM_LOCK" "$0" --out "$out"
+fi
+[ -z "${BENCH_LOCKED:-}" ] || bench_log "holding $HUSK_VM_LOCK for the whole run"
+with_vm_lock() {
+    if [ -n "${BENCH_LOCKED:-}" ]; then "$@"; return; fi
+    bench_log "waiting for $HUSK_VM_LOCK (other engineers' guests run one at a time) ..."
+    flock -o "$HUSK_VM_LOCK" "$@"
+}
+
+# Prerequisites: the build (scripts/setup.sh) and the runtimes to compare with.
+if [ ! -x "$HUSK_BIN" ] || [ ! -f target/husk/busybox-oci.tar ]; then
+    bench_log "husk not built: running scripts/setup.sh"
+    bash scripts/setup.sh
+fi
+missing=()
+for pkg_cmd in crun:crun runc:runc containerd:containerd docker.io:dockerd; do
+    command -v "${pkg_cmd#*:}" >/dev/null || missing+=("${pkg_cmd%%:*}")
+done
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
+    bench_log "installing ${missing[*]} (Debian packages)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || true
+fi
+
+results=$(mktemp /tmp/husk-bench-results.XXXXXX)
+export BENCH_RESULTS=$results HUSK_BIN
+
+started=$(date -u '+%Y-%m-%d %H:%M UTC')
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+t0=$(now_us)
+skipped() { record_na "$1" "$2" "$3" "skipped (--quick)"; }
+if [ -n "$quick" ]; then
+    bash bench/start.sh 5 0 husk-container runc crun
+    skipped start-first "start to first output (\`echo ready\`)" husk-vm
+    skipped start-full "full \`run\` of \`true\`" husk-vm
+    with_vm_lock bash bench/boot.sh 1
+    skipped mem-1 "memory per running sandbox (1 and 4 sandboxes)" husk-vm
+    bash bench/engines.sh 3
+    skipped vfs-write "virtio-fs sequential write and read vs host" husk-vm
+else
+    bash bench/start.sh 10 3 husk-vm husk-container runc crun
+    bash bench/boot.sh 3
+    bash bench/memory.sh 1
+    bash bench/memory.sh 4
+    bash bench/engines.sh 10
+    bash bench/virtiofs.sh 2
+fi
+took=$(awk -v a="$t0" -v b="$(now_us)" 'BEGIN { printf "%.1f", (b - a) / 60e6 }')
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+
 mkdir -p "$(dirname "$out")"
 render >"$out"
 cat "$out"
-bench_log "wrote $out (took $took min)"
+bench_log "wrote $out (took $took min); results kept in $results (bench/run.sh --render $results)"
+exit 0
+}

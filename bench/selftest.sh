@@ -20,9 +20,12 @@ check 20.5 "$(median 30 11 20.5 20.5)" "median helper"
 check 1.5 "$(ms_between 1000000 1001500)" "ms_between"
 "$dir/run.sh" --help | grep -q -- '--quick' || { echo "bench selftest: run.sh --help does not describe --quick" >&2; fail=1; }
 if "$dir/run.sh" --no-such-flag >/dev/null 2>&1; then echo "bench selftest: run.sh accepted an unknown flag" >&2; fail=1; fi
-results=$(mktemp)
-trap 'rm -f "$results"' EXIT
-BENCH_RESULTS=$results record k "a label" runc ms 3 1 2 2>/dev/null
-check "$(printf 'k\ta label\trunc\tms\t3\t2\t1\t3')" "$(cat "$results")" "record writes a TSV row"
+results=$(mktemp) md=$(mktemp)
+trap 'rm -f "$results" "$md"' EXIT
+BENCH_RESULTS=$results record start-full "a label" runc ms 3 1 2 2>/dev/null
+check "$(printf 'start-full\ta label\trunc\tms\t3\t2\t1\t3')" "$(cat "$results")" "record writes a TSV row"
+printf 'start-full\ta label\thusk-vm\tms\t1\t4\t4\t4\n' >>"$results"
+"$dir/run.sh" --render "$results" --out "$md" >/dev/null
+grep -qF '| a label | husk-vm | 4 ms |  | 1 | 2.00 |' "$md" || { echo "bench selftest: --render: no husk-vm row with ratio 2.00 against runc" >&2; fail=1; }
 [ "$fail" = 0 ] && echo "bench selftest: ok"
 exit "$fail"
