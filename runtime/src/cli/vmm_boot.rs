@@ -2,9 +2,9 @@
 //! console to stdout, and ends with `boot: ready after N ms` (or `boot: no ready signal`).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use husk::artifacts::{locate, Artifact};
@@ -42,13 +42,24 @@ pub struct Args {
     /// Forward stdin to the guest console.
     #[arg(long)]
     stdin: bool,
+    /// Boot until the guest is ready, write a snapshot of the VM to FILE, and exit.
+    #[arg(long, value_name = "FILE", conflicts_with = "restore")]
+    snapshot_to: Option<PathBuf>,
+    /// Start from the snapshot in FILE (made by --snapshot-to with the same kernel,
+    /// initramfs, vCPUs, memory and command line) instead of booting; it counts as ready
+    /// once restored.
+    #[arg(long, value_name = "FILE")]
+    restore: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let kernel = locate(Artifact::Kernel, args.kernel.as_deref())?;
     let initrd = locate(Artifact::Initrd, args.initrd.as_deref())?;
     let mut cmdline_extra = args.cmdline_extra.clone();
-    if !args.until_ready {
+    // A snapshot is taken at ready and restored with the same command line, so neither
+    // may ask the agent to power off after ready.
+    let snapshots = args.snapshot_to.is_some() || args.restore.is_some();
+    if !args.until_ready && !snapshots {
         // The agent powers the VM off right after ready, so this command ends by itself.
         cmdline_extra = format!("{CMDLINE_POWEROFF_AFTER_READY} {cmdline_extra}");
     }
@@ -79,12 +90,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         until_ready: args.until_ready,
         ready_timeout: Some(Duration::from_secs(args.timeout)),
     };
-    let result = VmBuilder::new(config)
-        .context("creating the VM")
-        .and_then(|builder| {
-            let mut vm = builder.start().context("starting the VM")?;
-            vm.wait(opts).context("running the VM")
-        });
+    if let Some(path) = &args.snapshot_to {
+        return snapshot_at_ready(config, opts, path);
+    }
+    let builder = match &args.restore {
+        Some(path) => VmBuilder::restore(config, path)
+            .with_context(|| format!("restoring from {}", path.display())),
+        None => VmBuilder::new(config).context("creating the VM"),
+    };
+    let result = builder.and_then(|builder| {
+        let mut vm = builder.start().context("starting the VM")?;
+        vm.wait(opts).context("running the VM")
+    });
     let ready = result.as_ref().ok().and_then(|outcome| outcome.ready_after);
     let mut out = std::io::stdout().lock();
     match ready {
@@ -93,5 +110,33 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Boots until ready, writes the snapshot, and reports both times.
+fn snapshot_at_ready(config: VmConfig, opts: RunOptions, path: &Path) -> anyhow::Result<ExitCode> {
+    let mut vm = VmBuilder::new(config)
+        .context("creating the VM")?
+        .start()
+        .context("starting the VM")?;
+    let opts = RunOptions {
+        until_ready: true,
+        ..opts
+    };
+    let outcome = vm.wait_then_pause(opts).context("running the VM")?;
+    let ready = outcome
+        .ready_after
+        .context("the guest stopped before it was ready")?;
+    let t0 = Instant::now();
+    vm.snapshot(path)
+        .with_context(|| format!("writing the snapshot {}", path.display()))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\nboot: ready after {} ms", ready.as_millis())?;
+    writeln!(
+        out,
+        "snapshot: {} written in {} ms",
+        path.display(),
+        t0.elapsed().as_millis()
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -164,6 +164,16 @@ impl DeviceSet {
         Ok(())
     }
 
+    /// The transports this set placed, in the order they were placed (snapshots).
+    pub fn transports(&self) -> impl ExactSizeIterator<Item = &Arc<Mutex<MmioTransport>>> {
+        self.transports.iter().map(|(transport, _)| transport)
+    }
+
+    /// The vsock device, if configured (a restore resets its transport).
+    pub fn vsock(&self) -> Option<&Arc<Mutex<Vsock>>> {
+        self.vsock.as_ref()
+    }
+
     /// The fds to poll for readability, each with what it means.
     pub fn event_sources(&self) -> Vec<(RawFd, DeviceEvent)> {
         let mut sources: Vec<_> = self

@@ -234,6 +234,15 @@ impl Vm {
             serial,
             virtio_slots: self.parts.mmio_slots.len(),
             ready: self.ready_after().is_some(),
+            virtio: self
+                .parts
+                .devices
+                .transports()
+                .map(|t| t.lock().expect("transport lock poisoned").state())
+                .collect(),
+            vsock_connections: self.parts.devices.vsock().map_or(0, |v| {
+                v.lock().expect("vsock lock poisoned").connection_count()
+            }),
         };
         Ok(snapshot::save(
             path,

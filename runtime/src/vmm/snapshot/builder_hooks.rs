@@ -9,7 +9,7 @@ use super::{BuildError, VmBuilder};
 use crate::vmm::boot::cpuid;
 use crate::vmm::config::VmConfig;
 use crate::vmm::memory::MemoryError;
-use crate::vmm::snapshot::{fingerprint, Fingerprint, LoadedSnapshot};
+use crate::vmm::snapshot::{fingerprint, Fingerprint, LoadedSnapshot, SnapshotError};
 
 impl VmBuilder {
     /// Like [`VmBuilder::new`], with guest RAM mapped copy-on-write from the snapshot at
@@ -54,15 +54,32 @@ impl VmBuilder {
         expected: Fingerprint,
     ) -> Result<Vec<VcpuFd>, BuildError> {
         snapshot.check_fingerprint(expected)?;
-        {
-            let mut serial = self.legacy.serial.lock().expect("serial lock poisoned");
-            snapshot.restore_devices(&self.vm, &mut serial, self.mmio_slots.len())?;
-        }
+        snapshot.restore_vm(&self.vm, self.mmio_slots.len())?;
         let supported = cpuid::supported_cpuid(&self.kvm)?;
         let cpuids = (0..self.vcpus)
             .map(|index| cpuid::vcpu_cpuid(&supported, index, self.vcpus, self.cpu_template))
             .collect::<Result<Vec<_>, _>>()?;
         let fds = snapshot.create_vcpus(&self.vm, &cpuids)?;
+        {
+            let mut serial = self.legacy.serial.lock().expect("serial lock poisoned");
+            snapshot.restore_devices(&mut serial, self.devices.transports())?;
+        }
+        // Streams open at the snapshot lost their host ends: the guest must drop them
+        // (virtio 1.2, 5.10.6.6). With none open (a template at agent ready) the reset is
+        // skipped, because the guest handles it in a worker that may run after the host's
+        // first new connection and would drop that one too.
+        if let Some(vsock) = self.devices.vsock() {
+            let mut vsock = vsock.lock().expect("vsock lock poisoned");
+            if vsock.is_active() && snapshot.state.devices.vsock_connections > 0 {
+                let sent = vsock
+                    .send_transport_reset()
+                    .map_err(|e| SnapshotError::Device {
+                        device: "vsock",
+                        reason: e.to_string(),
+                    })?;
+                log::info!("vsock transport reset after restore (event delivered: {sent})");
+            }
+        }
         if snapshot.state.devices.ready && self.legacy.ready_time.set(self.start.elapsed()).is_ok()
         {
             self.legacy

@@ -63,4 +63,36 @@ pub struct DeviceStates {
     /// The guest had signalled ready (a template): the restored VM counts as ready as
     /// soon as its state is back, since the guest will not signal again.
     pub ready: bool,
+    /// The virtio-mmio transports of the VM's device set, in the order they were placed.
+    pub virtio: Vec<MmioTransportSnapshot>,
+    /// vsock streams open at the snapshot (their host ends are not restored).
+    pub vsock_connections: usize,
+}
+
+/// One virtio-mmio queue as the driver configured it. The ring positions are not stored:
+/// devices here return every chain they pop before the event loop sleeps, so on restore
+/// both positions are the used ring's index, read from the restored guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub size: u32,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// A virtio-mmio transport's registers, and whether its device was active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportSnapshot {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub driver_features_out_of_range: bool,
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub config_generation: u32,
+    /// DRIVER_OK was set and accepted (or its deferred activation was due).
+    pub active: bool,
+    pub queues: Vec<QueueSnapshot>,
 }

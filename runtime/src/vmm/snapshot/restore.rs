@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -11,6 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use super::fingerprint::Fingerprint;
 use super::{file, memory, Header, SnapshotError, VmSnapshot};
 use crate::vmm::devices::serial::SerialDevice;
+use crate::vmm::devices::virtio::mmio::MmioTransport;
 
 /// A snapshot whose file was checked and whose RAM is mapped, waiting for
 /// [`VmBuilder::start`](crate::vmm::VmBuilder::start).
@@ -82,14 +84,9 @@ impl LoadedSnapshot {
         }
     }
 
-    /// Restores the in-kernel devices and the VMM's devices. `virtio_slots` is how many
+    /// Restores the in-kernel devices (before the vCPUs). `virtio_slots` is how many
     /// virtio-mmio devices the new VM has.
-    pub fn restore_devices(
-        &self,
-        vm: &VmFd,
-        serial: &mut SerialDevice,
-        virtio_slots: usize,
-    ) -> Result<(), SnapshotError> {
+    pub fn restore_vm(&self, vm: &VmFd, virtio_slots: usize) -> Result<(), SnapshotError> {
         if virtio_slots != self.state.devices.virtio_slots {
             return Err(SnapshotError::Shape {
                 what: "virtio-mmio devices",
@@ -97,7 +94,33 @@ impl LoadedSnapshot {
                 expected: virtio_slots as u64,
             });
         }
-        self.state.vm.restore(vm)?;
+        self.state.vm.restore(vm)
+    }
+
+    /// Restores the VMM's devices. After the vCPUs: restoring a LAPIC would drop an
+    /// interrupt these raise.
+    pub fn restore_devices<'a>(
+        &self,
+        serial: &mut SerialDevice,
+        transports: impl ExactSizeIterator<Item = &'a Arc<Mutex<MmioTransport>>>,
+    ) -> Result<(), SnapshotError> {
+        if transports.len() != self.state.devices.virtio.len() {
+            return Err(SnapshotError::Shape {
+                what: "virtio devices of the device set",
+                found: self.state.devices.virtio.len() as u64,
+                expected: transports.len() as u64,
+            });
+        }
+        for (transport, state) in transports.zip(&self.state.devices.virtio) {
+            transport
+                .lock()
+                .expect("transport lock poisoned")
+                .restore_state(state)
+                .map_err(|reason| SnapshotError::Device {
+                    device: "a virtio device",
+                    reason,
+                })?;
+        }
         serial
             .restore_state(&(&self.state.devices.serial).into())
             .map_err(|e| SnapshotError::Device {

@@ -15,6 +15,8 @@ pub struct DeviceInputs {
     pub serial: SerialState,
     pub virtio_slots: usize,
     pub ready: bool,
+    pub virtio: Vec<super::devices::MmioTransportSnapshot>,
+    pub vsock_connections: usize,
 }
 
 /// Writes a snapshot of a paused VM whose vCPU states were already saved.
@@ -34,6 +36,8 @@ pub fn save(
             serial: SerialSnapshot::from(&devices.serial),
             virtio_slots: devices.virtio_slots,
             ready: devices.ready,
+            virtio: devices.virtio,
+            vsock_connections: devices.vsock_connections,
         },
     };
     file::write(path, fingerprint, &state, mem)

@@ -18,6 +18,7 @@ use Half::{High, Low};
 
 use super::{features, status, ActivateError, Interrupt, VirtioDevice};
 use crate::vmm::devices::BusDevice;
+use crate::vmm::snapshot::devices::{MmioTransportSnapshot, QueueSnapshot};
 
 /// "virt" in little endian, the value of the MagicValue register.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -251,6 +252,87 @@ impl MmioTransport {
     /// The Status register, for tests and `husk inspect`.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The registers and queue setup, for a snapshot (the vCPUs are paused).
+    pub fn state(&self) -> MmioTransportSnapshot {
+        MmioTransportSnapshot {
+            device_type: self.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            driver_features_out_of_range: self.driver_features_out_of_range,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            config_generation: self.config_generation,
+            active: self.activated || self.activation_pending,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot {
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes the registers from `state` and, if the device was active, activates it
+    /// again at once with the queues continuing where the guest memory says they are.
+    /// The interrupt is raised afterwards, since one the guest had not yet handled is not
+    /// in the snapshot (a spurious one is harmless: the driver finds nothing new).
+    pub fn restore_state(&mut self, state: &MmioTransportSnapshot) -> Result<(), String> {
+        if state.device_type != self.device_type() || state.queues.len() != self.queues.len() {
+            return Err(format!(
+                "the snapshot has device type {} with {} queues, this slot holds type {} with {}",
+                state.device_type,
+                state.queues.len(),
+                self.device_type(),
+                self.queues.len()
+            ));
+        }
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.driver_features_out_of_range = state.driver_features_out_of_range;
+        self.queue_select = state.queue_select;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.config_generation = state.config_generation;
+        for (slot, q) in self.queues.iter_mut().zip(&state.queues) {
+            slot.size = q.size;
+            slot.ready = q.ready;
+            slot.desc = q.desc;
+            slot.avail = q.avail;
+            slot.used = q.used;
+        }
+        if !state.active {
+            return Ok(());
+        }
+        self.device().ack_features(self.driver_features);
+        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (index, slot) in self.queues.iter().enumerate() {
+            let mut q = slot
+                .build(&self.mem, event_idx)
+                .ok_or_else(|| format!("queue {index} is not valid in the restored memory"))?;
+            let used = q
+                .used_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                .map_err(|e| format!("queue {index}: reading the used index: {e}"))?;
+            q.set_next_avail(used.0);
+            q.set_next_used(used.0);
+            queues.push(q);
+        }
+        let (mem, interrupt) = (self.mem.clone(), self.interrupt.clone());
+        self.device()
+            .activate(mem, interrupt, queues)
+            .map_err(|e| e.to_string())?;
+        self.activated = true;
+        self.interrupt
+            .signal_used_buffer()
+            .map_err(|e| format!("raising the interrupt: {e}"))
     }
 
     fn device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {

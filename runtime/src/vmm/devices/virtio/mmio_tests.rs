@@ -694,3 +694,59 @@ fn deferred_activation_dropped_by_a_reset_and_failure_sets_needs_reset() {
         reason::CONFIG_CHANGE
     );
 }
+
+/// One readable "ab" buffer and a writable one on `q`; returns the head.
+fn echo_chain(mem: &GuestMemoryMmap, q: &mut DriverQueue, at: u64) -> u16 {
+    mem.write_slice(b"ab", GuestAddress(at)).unwrap();
+    q.add_chain(&[
+        Buf {
+            addr: GuestAddress(at),
+            len: 2,
+            device_writes: false,
+        },
+        Buf {
+            addr: GuestAddress(at + 0x100),
+            len: 16,
+            device_writes: true,
+        },
+    ])
+    .unwrap()
+}
+
+#[test]
+fn restored_transport_activates_its_device_where_the_rings_are() {
+    let mut f = fixture();
+    let (mut q0, _q1) = bring_up(&mut f);
+    f.t.activate_pending().unwrap();
+    echo_chain(&f.mem, &mut q0, 0x8000);
+    assert_eq!(f.dev.lock().unwrap().process(0), 1);
+    assert!(q0.pop_used().is_some());
+    let state = f.t.state();
+    assert!(state.active);
+    assert_eq!(state.status, ALL_OK);
+
+    // A new transport and device over the same memory (what a restore builds).
+    let dev = Arc::new(Mutex::new(EchoDevice::new()));
+    let mut t = MmioTransport::new(f.mem.clone(), dev.clone()).unwrap();
+    t.restore_state(&state).unwrap();
+    assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), ALL_OK);
+    assert_eq!(dev.lock().unwrap().activations, 1);
+    assert_eq!(dev.lock().unwrap().acked, Some(features::VERSION_1));
+    assert_eq!(
+        t.interrupt().irq_evt().read().unwrap(),
+        1,
+        "a restore re-raises the interrupt"
+    );
+    // The first chain is not processed twice; the next one is.
+    assert_eq!(dev.lock().unwrap().process(0), 0);
+    let head = echo_chain(&f.mem, &mut q0, 0x9000);
+    assert_eq!(dev.lock().unwrap().process(0), 1);
+    assert_eq!(q0.pop_used(), Some((head, 2)));
+
+    // A snapshot of another device type is refused.
+    let mut other = state.clone();
+    other.device_type += 1;
+    let dev = Arc::new(Mutex::new(EchoDevice::new()));
+    let mut t = MmioTransport::new(f.mem.clone(), dev).unwrap();
+    assert!(t.restore_state(&other).unwrap_err().contains("device type"));
+}

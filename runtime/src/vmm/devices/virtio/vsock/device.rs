@@ -199,6 +199,57 @@ impl Vsock {
     }
 }
 
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, the only vsock event (virtio 1.2, 5.10.6.6).
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+impl Vsock {
+    /// Host-side streams open now (a snapshot records whether the guest has any).
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Tells the guest that the transport was reset, as after a restore from a snapshot:
+    /// the driver drops every connection (the host side has none: the muxer is new) and
+    /// re-reads the guest CID; listening sockets stay. Returns false when the device is not
+    /// active or the guest posted no event buffer.
+    pub fn send_transport_reset(&mut self) -> Result<bool, VsockError> {
+        let Some(Active {
+            mem,
+            interrupt,
+            queues,
+        }) = self.active.as_mut()
+        else {
+            return Ok(false);
+        };
+        let evq = &mut queues[EVQ];
+        let Some(chain) = evq.pop_descriptor_chain(&*mem) else {
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = match chain.writer(mem) {
+            Ok(mut writer) => match std::io::Write::write_all(&mut writer, &event) {
+                Ok(()) => event.len() as u32,
+                Err(e) => {
+                    warn!("vsock: cannot write the transport reset event: {e}");
+                    0
+                }
+            },
+            Err(e) => {
+                warn!("vsock: bad event descriptor chain: {e}");
+                0
+            }
+        };
+        if let Err(e) = evq.add_used(mem, head, written) {
+            warn!("vsock: cannot return the event buffer: {e}");
+        }
+        interrupt
+            .signal_used_buffer()
+            .map_err(VsockError::Interrupt)?;
+        Ok(written != 0)
+    }
+}
+
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         device_type::VSOCK
