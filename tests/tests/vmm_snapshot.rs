@@ -281,6 +281,19 @@ fn corrupt_or_mismatched_snapshots_are_rejected_with_clear_errors() {
     assert!(err.to_string().contains("vCPUs"), "{err}");
     assert!(err.snapshot_unusable());
 
+    // A VM whose wait() returned has no vCPUs left to save.
+    let mut stopped = VmBuilder::restore(config().0, &good)
+        .and_then(VmBuilder::start)
+        .expect("restore");
+    let stop = stopped.stop_handle().unwrap();
+    stop.stop().unwrap();
+    assert_eq!(
+        stopped.wait(RunOptions::default()).unwrap().exit,
+        GuestExit::Stopped
+    );
+    let err = stopped.snapshot(&dir.path().join("late.snap")).unwrap_err();
+    assert!(err.to_string().contains("wait_then_pause"), "{err}");
+
     // The untouched snapshot still restores.
     let (config, _) = config();
     VmBuilder::restore(config, &good)

@@ -216,6 +216,15 @@ impl Vm {
     /// Writes a snapshot of this VM to `path` (see [`snapshot`]). The vCPUs are paused
     /// first and stay paused: [`Vm::resume`] continues this VM.
     pub fn snapshot(&self, path: &std::path::Path) -> Result<snapshot::Header, RunError> {
+        if self.parts.vcpus.is_empty() {
+            return Err(SnapshotError::Vcpu {
+                index: 0,
+                reason: "the vCPUs are gone (wait() returned); snapshot while the VM runs \
+                    or after wait_then_pause()"
+                    .into(),
+            }
+            .into());
+        }
         self.pause()?;
         let vcpus = self
             .parts
