@@ -13,7 +13,8 @@ use crate::vmm::snapshot::{fingerprint, Fingerprint, LoadedSnapshot, SnapshotErr
 
 impl VmBuilder {
     /// Like [`VmBuilder::new`], with guest RAM mapped copy-on-write from the snapshot at
-    /// `path` instead of a fresh memfd. Add the same virtio devices in the same order as
+    /// `path` instead of a fresh memfd (or, for a VM with virtio-fs shares, copied into
+    /// one). Add the same virtio devices in the same order as
     /// the VM that was snapshotted, then [`VmBuilder::start`] checks that the
     /// configuration matches the snapshot's fingerprint, restores the KVM and device state
     /// and resumes the vCPUs where they were. A damaged, outdated or foreign snapshot is
@@ -24,7 +25,10 @@ impl VmBuilder {
             .mem_mib
             .checked_mul(1 << 20)
             .ok_or(MemoryError::TooLarge(config.mem_mib))?;
-        let (loaded, mem) = LoadedSnapshot::load(path, config.vcpus, mem_size)?;
+        // virtiofsd (vhost-user) maps guest RAM from its memfd and must see the guest's
+        // writes, which a private file mapping keeps to itself.
+        let shared = !config.devices.shares.is_empty();
+        let (loaded, mem) = LoadedSnapshot::load(path, config.vcpus, mem_size, shared)?;
         Self::with_memory(config, Some((mem, Box::new(loaded))))
     }
 

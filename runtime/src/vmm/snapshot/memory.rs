@@ -106,6 +106,86 @@ pub fn map_private(
     GuestMemoryMmap::from_regions(regions).map_err(|e| SnapshotError::MapMemory(e.to_string()))
 }
 
+/// Guest RAM in a fresh shared memfd with the snapshot's pages copied in (eagerly, data
+/// only: SEEK_DATA skips the holes). For VMs with a vhost-user device (virtio-fs): its
+/// backend maps guest RAM from the memfd and must see the guest's writes, which a private
+/// file mapping keeps to itself.
+pub fn copy_to_memfd(
+    file: &File,
+    offset: u64,
+    mem_size: u64,
+) -> Result<GuestMemoryMmap, SnapshotError> {
+    let mem = crate::vmm::memory::create_guest_memory(mem_size >> 20)
+        .map_err(|e| SnapshotError::MapMemory(e.to_string()))?;
+    let read_err = |e: std::io::Error| SnapshotError::MapMemory(format!("reading RAM: {e}"));
+    let end = offset + mem_size;
+    let mut pos = offset;
+    let mut buf = vec![0u8; CHUNK];
+    while pos < end {
+        let Some(data) = seek(file, pos, libc::SEEK_DATA).map_err(read_err)? else {
+            break; // only holes left
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(file, data, libc::SEEK_HOLE)
+            .map_err(read_err)?
+            .unwrap_or(end)
+            .min(end);
+        let mut at = data;
+        while at < hole {
+            let n = (hole - at).min(CHUNK as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at).map_err(read_err)?;
+            write_linear(&mem, at - offset, &buf[..n])?;
+            at += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(mem)
+}
+
+/// `lseek(fd, from, whence)`; `None` when there is no more data (ENXIO).
+fn seek(file: &File, from: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let from = i64::try_from(from).map_err(std::io::Error::other)?;
+    // SAFETY: lseek on an open fd this function borrows; the result is checked.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), from, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(r as u64))
+}
+
+/// Writes `data` at byte `linear` of guest RAM counted across the regions in order.
+fn write_linear(mem: &GuestMemoryMmap, linear: u64, data: &[u8]) -> Result<(), SnapshotError> {
+    let mut base = 0u64;
+    let mut rest = data;
+    let mut at = linear;
+    for region in mem.iter() {
+        let len = region.len();
+        if at < base + len && !rest.is_empty() {
+            let n = rest.len().min((base + len - at) as usize);
+            mem.write_slice(&rest[..n], region.start_addr().unchecked_add(at - base))
+                .map_err(|e| SnapshotError::MapMemory(format!("copying RAM: {e}")))?;
+            rest = &rest[n..];
+            at += n as u64;
+        }
+        base += len;
+    }
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(SnapshotError::MapMemory(
+            "snapshot RAM beyond the guest's memory".into(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::MetadataExt;
@@ -152,6 +232,18 @@ mod tests {
         b.write_obj(0xbbbb_u32, GuestAddress(0x5000)).unwrap();
         assert_eq!(a.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0xaaaa);
         assert_eq!(b.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 0xbbbb);
+        let copied = copy_to_memfd(&file, PAGE_SIZE, 16 << 20).unwrap();
+        assert_eq!(
+            copied.read_obj::<u32>(GuestAddress(0x5000)).unwrap(),
+            0x1122_3344
+        );
+        assert_eq!(
+            copied.read_obj::<u8>(GuestAddress((16 << 20) - 1)).unwrap(),
+            0x55
+        );
+        assert_eq!(copied.read_obj::<u64>(GuestAddress(0x8000)).unwrap(), 0);
+        let region = copied.find_region(GuestAddress(0)).unwrap();
+        assert!(region.file_offset().is_some(), "a memfd a backend can map");
         let mut on_disk = [0u8; 4];
         file.read_exact_at(&mut on_disk, PAGE_SIZE + 0x5000)
             .unwrap();

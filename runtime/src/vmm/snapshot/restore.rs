@@ -33,11 +33,13 @@ impl std::fmt::Debug for LoadedSnapshot {
 
 impl LoadedSnapshot {
     /// Reads and checks `path` for a VM of `vcpus` vCPUs and `mem_size` bytes, and maps its
-    /// RAM privately.
+    /// RAM privately (copy-on-write, loaded lazily), or copies it into a shared memfd when
+    /// `shared` (a vhost-user backend must map guest RAM).
     pub fn load(
         path: &Path,
         vcpus: u8,
         mem_size: u64,
+        shared: bool,
     ) -> Result<(Self, GuestMemoryMmap), SnapshotError> {
         let (header, state, file) = file::read(path)?;
         let shape = |what, found: usize, expected: u64| {
@@ -61,7 +63,11 @@ impl LoadedSnapshot {
                 )));
             }
         }
-        let mem = memory::map_private(&file, header.mem_offset, header.mem_len)?;
+        let mem = if shared {
+            memory::copy_to_memfd(&file, header.mem_offset, header.mem_len)?
+        } else {
+            memory::map_private(&file, header.mem_offset, header.mem_len)?
+        };
         Ok((
             Self {
                 header,
