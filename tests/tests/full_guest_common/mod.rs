@@ -127,9 +127,25 @@ impl Guest {
 
     /// Runs `sh -c script` to the end; returns its stdout, stderr and exit status.
     pub fn sh(&self, id: &str, script: &str, readonly: bool) -> (String, String, ExitStatus) {
+        self.sh_with_timeout(id, script, readonly, CALL_TIMEOUT)
+    }
+
+    /// [`Self::sh`] where the script may be silent for up to `quiet` between outputs.
+    pub fn sh_with_timeout(
+        &self,
+        id: &str,
+        script: &str,
+        readonly: bool,
+        quiet: Duration,
+    ) -> (String, String, ExitStatus) {
         let spawned = self.run(id, &["sh", "-c", script], false, readonly);
-        let out = read_all(self.stream(spawned.stdio.stdout.expect("stdout port")));
-        let err = read_all(self.stream(spawned.stdio.stderr.expect("stderr port")));
+        let stream = |port: Option<u32>| {
+            let s = self.stream(port.expect("stdio port"));
+            s.set_read_timeout(Some(quiet)).unwrap();
+            s
+        };
+        let out = read_all(stream(spawned.stdio.stdout));
+        let err = read_all(stream(spawned.stdio.stderr));
         let status = self.wait_and_delete(id);
         (out, err, status)
     }
@@ -151,11 +167,15 @@ pub fn init(id: &str) -> ProcessRef {
     }
 }
 
+/// Reads a stream to its end; a read that times out fails with what came so far.
 pub fn read_all(mut stream: UnixStream) -> String {
     let mut out = Vec::new();
-    stream
-        .read_to_end(&mut out)
-        .expect("read a stdio stream (timed out?)");
+    if let Err(e) = stream.read_to_end(&mut out) {
+        panic!(
+            "reading a stdio stream failed ({e}; a timeout?) after:\n{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
     String::from_utf8_lossy(&out).into_owned()
 }
 
