@@ -186,8 +186,14 @@ fn root_off_initramfs() -> Result<(), InitError> {
         target: STAGE,
         source,
     })?;
-    mount(Some("/"), STAGE, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(err("bind / on /.husk-root"))?;
+    mount(
+        Some("/"),
+        STAGE,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(err("bind / on /.husk-root"))?;
     chdir(STAGE).map_err(err("chdir /.husk-root"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(err("move the bind mount onto /"))?;
