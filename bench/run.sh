@@ -63,7 +63,7 @@ Figures of one run only are comparable: other engineers' builds and tests shared
 machine's 2 cores during this run (load average before: $load_before, after: $load_after).
 
 - machine: $(host_note)
-- date: $started; the run took $took min
+- date: $started; the run took $took min (including any wait for the VM lock)
 - commit: $commit, debug build of \`husk\` (\`target/debug\`)
 - runc $(runc --version 2>/dev/null | awk 'NR == 1 { print $3 }'), crun $(crun --version 2>/dev/null | awk 'NR == 1 { print $3 }'), containerd $(containerd --version 2>/dev/null | awk '{ print $3 }'), docker $(dockerd --version 2>/dev/null | awk '{ print $3 }' | tr -d ,)
 - guest (husk-vm): 1 vCPU, 128 MiB, the busybox bundle on virtio-fs; PVM host, where every
