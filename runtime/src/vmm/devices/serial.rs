@@ -242,7 +242,11 @@ mod tests {
         a.enqueue_input(b"qz");
         let (mut b, out_b, irq_b) = device();
         b.restore_state(&a.state()).unwrap();
-        assert_eq!(irq_b.read().unwrap(), 1, "pending input must interrupt again");
+        assert_eq!(
+            irq_b.read().unwrap(),
+            1,
+            "pending input must interrupt again"
+        );
         let mut r = [0u8];
         b.read(7, &mut r);
         assert_eq!(r[0], 0x5a);
