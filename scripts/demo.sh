@@ -28,4 +28,4 @@ json.dump(config, open(f"{work}/config.json", "w"), indent=2)
 PY
 stage "host: $("$husk" features | grep -o '"io.husk.host.kvm": "[^"]*"')"
 stage "husk run: busybox in a microVM (guest kernel + agent + virtio-fs rootfs); ~1 min on PVM hosts"
-flock /tmp/husk-vm.lock "$husk" --root "$work/state" --isolation vm run --bundle "$work" "demo-$$"
+flock -w 900 /tmp/husk-vm.lock "$husk" --root "$work/state" --isolation vm run --bundle "$work" "demo-$$"

@@ -2,4 +2,5 @@
 
 pub mod engines;
 pub mod guest_asm;
+pub mod vm_lock;
 pub mod vmm;

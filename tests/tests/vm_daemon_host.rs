@@ -39,9 +39,9 @@ struct Out {
 impl Husk {
     fn new() -> Husk {
         // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
         assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
+            uid, 0,
             "vm_daemon_host needs root (mounts, namespaces, cgroups)"
         );
         for bin in ["husk", "husk-agent", "husk-rootfs"] {

@@ -1,0 +1,460 @@
+//! Tier 3, full path: the `husk` CLI with `--isolation vm` on a real microVM (guest
+//! kernel, agent, virtio-fs rootfs, the `husk vmm` daemon). Each test boots one guest
+//! (~45-60 s here) and holds `/tmp/husk-vm.lock` (see `husk_tests::vm_lock`).
+//!
+//! Needs root, /dev/kvm and `scripts/setup.sh` (kernel, initramfs, virtiofsd, binaries).
+//! The test process is a child subreaper, as containerd's shim is: the daemon that
+//! `create` leaves behind is reparented to it, so its exit status (the container's) can
+//! be read with waitpid, as Docker and the shim do.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use husk_tests::vm_lock;
+use husk_tests::vmm::require_kvm;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+/// Boot plus container creation, with room for a loaded machine.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
+/// Calls on a running guest (exec creates a process in the guest: seconds here).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One guest at a time, even with the default parallel test threads.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
+}
+
+/// A `--root` of its own, force-deleting its containers when dropped.
+struct Husk {
+    root: tempfile::TempDir,
+    ids: Vec<String>,
+}
+
+/// What a command did (stdio through files: a daemon that inherits them cannot keep
+/// the test waiting for end of file).
+#[derive(Debug)]
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Husk {
+    fn new() -> Husk {
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        assert_eq!(uid, 0, "full_cli_vm needs root");
+        require_kvm();
+        for bin in ["husk", "husk-rootfs"] {
+            assert!(
+                target_dir().join(bin).exists(),
+                "build first: scripts/setup.sh"
+            );
+        }
+        nix::sys::prctl::set_child_subreaper(true).unwrap();
+        Husk {
+            root: tempfile::tempdir().unwrap(),
+            ids: Vec::new(),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(target_dir().join("husk"));
+        c.arg("--root")
+            .arg(self.root.path())
+            .args(["--isolation", "vm"])
+            .args(args)
+            .env_remove("HUSK_TEST_GUEST")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn track(&mut self, args: &[&str]) {
+        if let Some(id) = args.last() {
+            if !id.starts_with('-') && !self.ids.iter().any(|i| i == id) {
+                self.ids.push(id.to_string());
+            }
+        }
+    }
+
+    /// Runs `husk ARGS`, killing it after `timeout`.
+    fn run_for(&mut self, args: &[&str], timeout: Duration) -> Out {
+        self.track(args);
+        let dir = tempfile::tempdir().unwrap();
+        let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+        let mut child = self
+            .command(args)
+            .stdout(File::create(&o).unwrap())
+            .stderr(File::create(&e).unwrap())
+            .spawn()
+            .unwrap();
+        let code = wait_child(&mut child, timeout);
+        Out {
+            code,
+            stdout: std::fs::read_to_string(o).unwrap_or_default(),
+            stderr: std::fs::read_to_string(e).unwrap_or_default(),
+        }
+    }
+
+    fn must(&mut self, args: &[&str], timeout: Duration) -> Out {
+        let out = self.run_for(args, timeout);
+        assert_eq!(out.code, Some(0), "husk {}: {out:?}", args.join(" "));
+        out
+    }
+
+    fn state(&mut self, id: &str) -> Value {
+        let out = self.must(&["state", id], CALL_TIMEOUT);
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("state: {e}: {out:?}"))
+    }
+
+    fn wait_status(&mut self, id: &str, want: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let st = self.state(id);
+            if st["status"] == want {
+                return;
+            }
+            assert!(start.elapsed() < timeout, "{id}: {st}, want {want}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Nothing of the sandbox is left: no state dir, mount or process under the root.
+    fn assert_nothing_left(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "left under --root: {left:?}");
+        let root = self.root.path().to_string_lossy().to_string();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(&root), "mounts left under {root}");
+        // Helpers (a detached exec's relay) end when the guest's streams close: give
+        // them a moment, no more.
+        let start = Instant::now();
+        loop {
+            reap_orphans();
+            let left = processes_naming(&root);
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "processes left: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// "PID cmdline" of the processes whose command line contains `text`.
+fn processes_naming(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(text) {
+            out.push(format!("{} {cmdline}", p.file_name().to_string_lossy()));
+        }
+    }
+    out
+}
+
+impl Drop for Husk {
+    fn drop(&mut self) {
+        for id in self.ids.clone() {
+            let _ = self
+                .command(&["delete", "--force", &id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        reap_orphans();
+    }
+}
+
+/// Waits for `child` up to `timeout` (killing it then); its exit code.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (as subreaper) for `pid`; its exit code, shell convention.
+fn reap(pid: i32, timeout: Duration) -> i32 {
+    let start = Instant::now();
+    loop {
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)).unwrap() {
+            WaitStatus::Exited(_, code) => return code,
+            WaitStatus::Signaled(_, sig, _) => return 128 + sig as i32,
+            _ => {}
+        }
+        assert!(start.elapsed() < timeout, "pid {pid} did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reaps whatever exited among the orphans reparented to this subreaper.
+fn reap_orphans() {
+    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+/// A busybox bundle running `sh -c SCRIPT`.
+fn bundle(script: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = Command::new(target_dir().join("husk-rootfs"))
+        .args(["bundle", "--force", "--out"])
+        .arg(dir.path())
+        .args(["--", "sh", "-c", script])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "husk-rootfs bundle failed");
+    dir
+}
+
+/// `Vec<String>` arguments as `husk` takes them.
+fn argv(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn cmdline(pid: i64) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+        .replace('\0', " ")
+}
+
+#[test]
+fn run_prints_output_relays_stdin_and_propagates_the_exit_code() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _vm = vm_lock::hold();
+    let mut h = Husk::new();
+    let b = bundle("read x; echo hello from a husk microVM: $x; uname -a; echo oops >&2; exit 3");
+    h.track(&["r1"]);
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let started = Instant::now();
+    let mut child = h
+        .command(&["run", "--bundle", b.path().to_str().unwrap(), "r1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(err.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"stdin\n").unwrap();
+    // The first byte's arrival time, then the rest, from a thread: the pipe's end of
+    // file comes only when husk and its daemon are gone.
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut first = [0u8; 1];
+        let n = stdout.read(&mut first).unwrap_or(0);
+        let at = started.elapsed();
+        let mut rest = Vec::new();
+        let _ = stdout.read_to_end(&mut rest);
+        let mut all = first[..n].to_vec();
+        all.extend(rest);
+        let _ = tx.send((at, String::from_utf8_lossy(&all).to_string()));
+    });
+    let code = wait_child(&mut child, BOOT_TIMEOUT);
+    let total = started.elapsed();
+    let (first_output, stdout) = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("stdout did not end after husk exited");
+    let stderr = std::fs::read_to_string(err.path()).unwrap();
+    eprintln!(
+        "figure: husk run (vm) start -> first output {} ms, -> exit {} ms",
+        first_output.as_millis(),
+        total.as_millis()
+    );
+    eprint!("container stdout:\n{stdout}");
+    assert_eq!(code, Some(3), "stdout {stdout:?} stderr {stderr:?}");
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("hello from a husk microVM: stdin"));
+    let uname = lines.next().unwrap_or_default();
+    assert!(
+        uname.starts_with("Linux husk "),
+        "uname -a is the guest's: {uname:?}"
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(
+        !uname.contains(host.trim()),
+        "the container ran on the host kernel: {uname:?}"
+    );
+    assert_eq!(stderr, "oops\n");
+    assert!(
+        h.run_for(&["state", "r1"], CALL_TIMEOUT).code != Some(0),
+        "run must delete the container"
+    );
+    h.assert_nothing_left();
+}
+
+/// The lifecycle on one guest, driven as Docker drives a runc-compatible runtime
+/// (shared/substrate.md): `--log L --log-format json create --bundle B --pid-file P`,
+/// `start`, `exec --process F --detach --pid-file P`, `kill 15`, `kill 9`,
+/// `delete --force`; plus `state` at each step and a foreground `exec`.
+#[test]
+fn lifecycle_exec_kill_delete_in_the_docker_call_sequence() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _vm = vm_lock::hold();
+    let mut h = Husk::new();
+    let b = bundle("echo started; exec sleep 1000");
+    let d = b.path();
+    let s = |p: PathBuf| p.to_str().unwrap().to_string();
+    let (log, pid_file, exec_pid, process) = (
+        s(d.join("log.json")),
+        s(d.join("pid")),
+        s(d.join("exec.pid")),
+        s(d.join("process.json")),
+    );
+    let process_json = json!({"cwd": "/", "args": ["sleep", "50"], "env": ["PATH=/bin"],
+                              "user": {"uid": 0, "gid": 0}});
+    std::fs::write(&process, process_json.to_string()).unwrap();
+    let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let docker = |args: &[&str]| -> Vec<String> {
+        ["--log", &log, "--log-format", "json"]
+            .iter()
+            .chain(args)
+            .map(|s| s.to_string())
+            .collect()
+    };
+
+    // create: its stdout is the container's; nothing may run before start.
+    let out_file = d.join("container.out");
+    h.track(&[id]);
+    let started = Instant::now();
+    let create = docker(&[
+        "create",
+        "--bundle",
+        d.to_str().unwrap(),
+        "--pid-file",
+        &pid_file,
+        id,
+    ]);
+    let status = {
+        let mut child = h
+            .command(&argv(&create))
+            .stdout(File::create(&out_file).unwrap())
+            .stderr(File::create(d.join("create.err")).unwrap())
+            .spawn()
+            .unwrap();
+        wait_child(&mut child, BOOT_TIMEOUT)
+    };
+    let create_err = std::fs::read_to_string(d.join("create.err")).unwrap_or_default();
+    assert_eq!(status, Some(0), "create: {create_err}");
+    eprintln!(
+        "figure: husk create (vm, boot + container at the exec barrier) {} ms",
+        started.elapsed().as_millis()
+    );
+    let st = h.state(id);
+    assert_eq!(st["status"], "created", "{st}");
+    let pid = st["pid"].as_i64().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        pid.to_string(),
+        "--pid-file holds the state's pid"
+    );
+    assert!(
+        cmdline(pid).contains("vmm daemon"),
+        "pid {pid} is not the vmm daemon: {}",
+        cmdline(pid)
+    );
+    assert!(
+        std::fs::read(&out_file).unwrap().is_empty(),
+        "ran before start"
+    );
+
+    h.must(&argv(&docker(&["start", id])), CALL_TIMEOUT);
+    h.wait_status(id, "running", CALL_TIMEOUT);
+    let start = Instant::now();
+    while std::fs::read_to_string(&out_file).unwrap() != "started\n" {
+        assert!(
+            start.elapsed() < CALL_TIMEOUT,
+            "container output: {:?}",
+            std::fs::read_to_string(&out_file)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        h.run_for(&["start", id], CALL_TIMEOUT).code != Some(0),
+        "a second start must fail"
+    );
+
+    let out = h.run_for(
+        &[
+            "exec",
+            id,
+            "sh",
+            "-c",
+            "echo exec-out $(hostname); echo exec-err >&2; exit 5",
+        ],
+        CALL_TIMEOUT,
+    );
+    assert_eq!(out.code, Some(5), "{out:?}");
+    assert!(out.stdout.starts_with("exec-out "), "{out:?}");
+    assert_eq!(out.stderr, "exec-err\n", "{out:?}");
+
+    let exec = docker(&[
+        "exec",
+        "--process",
+        &process,
+        "--detach",
+        "--pid-file",
+        &exec_pid,
+        id,
+    ]);
+    h.must(&argv(&exec), CALL_TIMEOUT);
+    let epid: i64 = std::fs::read_to_string(&exec_pid)
+        .expect("exec --pid-file written")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        Path::new(&format!("/proc/{epid}")).exists(),
+        "the exec's host process {epid} is gone"
+    );
+
+    // A container init ignores an unhandled SIGTERM: Docker follows with SIGKILL.
+    h.must(&argv(&docker(&["kill", id, "15"])), CALL_TIMEOUT);
+    h.must(&argv(&docker(&["kill", id, "9"])), CALL_TIMEOUT);
+    h.wait_status(id, "stopped", CALL_TIMEOUT);
+    assert_eq!(
+        reap(pid as i32, CALL_TIMEOUT),
+        128 + 9,
+        "the daemon exits with the container's status"
+    );
+    h.must(&argv(&docker(&["delete", "--force", id])), CALL_TIMEOUT);
+    assert!(h.run_for(&["state", id], CALL_TIMEOUT).code != Some(0));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert_ne!(v["level"], "error", "logged an error: {line}");
+    }
+    reap_orphans();
+    h.assert_nothing_left();
+    assert!(
+        d.join("rootfs/bin/busybox").exists(),
+        "delete must not touch the bundle"
+    );
+}
