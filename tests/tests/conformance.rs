@@ -3,9 +3,14 @@
 //! as a reference, so that the suite itself is checked. Each case builds its own bundle
 //! with `husk-rootfs bundle` into a tempdir and uses its own `--root`.
 //!
-//! Needs root and the built binaries: `cargo build -p husk -p husk-rootfs`.
-//! Prints `conformance: husk-container N passed, N failed; runc N passed, N failed` and
-//! fails if any husk case fails.
+//! A subset ([`VM_CASES`]) also runs against `husk --isolation vm`: each of its `run`s
+//! and `create`s boots a real microVM (~45-60 s here), under `/tmp/husk-vm.lock`
+//! (`husk_tests::vm_lock`). `HUSK_CONFORMANCE_VM=0` leaves it out, and the summary says so.
+//!
+//! Needs root and the built binaries: `cargo build -p husk -p husk-rootfs`; for the vm
+//! subset also /dev/kvm and `scripts/setup.sh` (guest kernel, initramfs, virtiofsd).
+//! Prints `conformance: husk-container N passed, N failed; husk-vm N passed, N failed;
+//! runc N passed, N failed` and fails if any husk case fails.
 
 use std::fs::File;
 use std::io::Read;
@@ -39,6 +44,9 @@ struct Runtime {
     root: tempfile::TempDir,
     /// Error messages must name the thing at fault (husk's promise; runc's say less).
     strict_messages: bool,
+    /// One command, and one status change: a VM boot takes most of a minute here.
+    timeout: Duration,
+    settle: Duration,
 }
 
 /// What a command did; stdout/stderr go through files, so a container that inherits
@@ -76,7 +84,16 @@ impl Runtime {
             global,
             root,
             strict_messages,
+            timeout: Duration::from_secs(30),
+            settle: Duration::from_secs(10),
         }
+    }
+
+    /// Room for a guest boot per command, on a machine shared with builds.
+    fn with_vm_timeouts(mut self) -> Runtime {
+        self.timeout = Duration::from_secs(400);
+        self.settle = Duration::from_secs(120);
+        self
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -115,7 +132,7 @@ impl Runtime {
     }
 
     fn run(&self, args: &[&str]) -> Out {
-        self.run_with(args, Duration::from_secs(30))
+        self.run_with(args, self.timeout)
     }
 
     fn must(&self, args: &[&str]) -> Result<Out, String> {
@@ -145,7 +162,7 @@ impl Runtime {
                 return Ok(());
             }
             check!(
-                start.elapsed() < Duration::from_secs(10),
+                start.elapsed() < self.settle,
                 "{id}: status {status}, want {want}"
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -551,10 +568,8 @@ fn console_socket(rt: &Runtime) -> CaseResult {
     ])?;
     let master = receiver.join().unwrap()?;
     // SAFETY: isatty only inspects the fd we own.
-    check!(
-        unsafe { libc::isatty(master.as_raw_fd()) } == 1,
-        "received fd is not a tty"
-    );
+    let tty = unsafe { libc::isatty(master.as_raw_fd()) };
+    check!(tty == 1, "received fd is not a tty");
     rt.must(&["start", "cs"])?;
     let mut file = File::from(master);
     let mut seen = String::new();
@@ -800,11 +815,16 @@ const CASES: &[Case] = &[
     ("list_and_features", list_and_features, &["ls1"]),
 ];
 
-/// Runs every case on `rt`; returns (passed, failed).
-fn run_suite(rt: &Runtime, only: Option<&str>) -> (usize, usize) {
+/// The cases run against `--isolation vm`, one guest boot per `run`/`create` (6 boots,
+/// ~6 min here): state and the lifecycle with kill, exit code and stdio, env, a
+/// read-only root (and a writable one).
+const VM_CASES: &[&str] = &["lifecycle", "exit_code", "env", "readonly_root"];
+
+/// Runs the cases of `rt` (all, or those named in `subset`); returns (passed, failed).
+fn run_suite(rt: &Runtime, subset: Option<&[&str]>, only: Option<&str>) -> (usize, usize) {
     let (mut passed, mut failed) = (0, 0);
     for (name, case, ids) in CASES {
-        if only.is_some_and(|o| !name.contains(o)) {
+        if subset.is_some_and(|s| !s.contains(name)) || only.is_some_and(|o| !name.contains(o)) {
             continue;
         }
         let started = Instant::now();
@@ -838,24 +858,46 @@ fn conformance() {
         "build the binaries first: cargo build -p husk -p husk-rootfs"
     );
     let only = std::env::var("HUSK_CONFORMANCE_ONLY").ok();
-    let husk_rt = Runtime::new("husk-container", husk, &["--isolation", "container"], true);
-    let (hp, hf) = run_suite(&husk_rt, only.as_deref());
+    let husk_rt = Runtime::new(
+        "husk-container",
+        husk.clone(),
+        &["--isolation", "container"],
+        true,
+    );
+    let (hp, hf) = run_suite(&husk_rt, None, only.as_deref());
+    let (vm_summary, vf) = if std::env::var("HUSK_CONFORMANCE_VM").as_deref() == Ok("0") {
+        ("husk-vm not run (HUSK_CONFORMANCE_VM=0)".to_string(), 0)
+    } else {
+        let _vm = husk_tests::vm_lock::hold();
+        let vm_rt =
+            Runtime::new("husk-vm", husk.clone(), &["--isolation", "vm"], true).with_vm_timeouts();
+        let (vp, vf) = run_suite(&vm_rt, Some(VM_CASES), only.as_deref());
+        (format!("husk-vm {vp} passed, {vf} failed"), vf)
+    };
     let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.exists());
     let runc_summary = match runc {
         Some(bin) => {
-            let (rp, rf) = run_suite(&Runtime::new("runc", bin, &[], false), only.as_deref());
+            let runc = Runtime::new("runc", bin, &[], false);
+            let (rp, rf) = run_suite(&runc, None, only.as_deref());
             format!("runc {rp} passed, {rf} failed")
         }
         None => "runc not installed".to_string(),
     };
-    println!("conformance: husk-container {hp} passed, {hf} failed; {runc_summary}");
-    eprintln!("conformance: husk-container {hp} passed, {hf} failed; {runc_summary}");
+    let summary = format!(
+        "conformance: husk-container {hp} passed, {hf} failed; {vm_summary}; {runc_summary}"
+    );
+    println!("{summary}");
+    eprintln!("{summary}");
     assert_eq!(
         hf, 0,
         "husk-container failed {hf} conformance case(s); see the lines above"
+    );
+    assert_eq!(
+        vf, 0,
+        "husk-vm failed {vf} conformance case(s); see the lines above"
     );
     assert!(hp > 0, "no case ran");
 }
