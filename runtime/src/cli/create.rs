@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use husk::sandbox::{lifecycle, CreateOptions};
+use husk::sandbox::{lifecycle, CreateOptions, GuestArtifacts};
 
 use super::Global;
 
@@ -33,7 +33,7 @@ pub struct Args {
 }
 
 impl Args {
-    pub fn options(&self, foreground: bool) -> anyhow::Result<CreateOptions> {
+    pub fn options(&self, foreground: bool, g: &Global) -> anyhow::Result<CreateOptions> {
         Ok(CreateOptions {
             console_socket: self
                 .console_socket
@@ -45,13 +45,17 @@ impl Args {
             preserve_fds: self.preserve_fds,
             foreground,
             stdio: Default::default(),
+            guest_artifacts: GuestArtifacts {
+                kernel: g.kernel.clone(),
+                initrd: g.initrd.clone(),
+            },
         })
     }
 }
 
 pub fn run(args: Args, g: &Global) -> anyhow::Result<ExitCode> {
     let store = g.store()?;
-    let opts = args.options(false)?;
+    let opts = args.options(false, g)?;
     lifecycle::create(
         &store,
         &args.id,

@@ -22,7 +22,7 @@ pub fn run(args: Args, g: &Global) -> anyhow::Result<ExitCode> {
     if !args.detach {
         lifecycle::become_subreaper()?;
     }
-    let opts = c.options(!args.detach)?;
+    let opts = c.options(!args.detach, g)?;
     let pid = lifecycle::create(
         &store,
         &c.id,

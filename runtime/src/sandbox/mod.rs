@@ -37,6 +37,16 @@ pub struct CreateOptions {
     pub foreground: bool,
     /// The container process's stdio (the shim's FIFOs); unset ones are the caller's own.
     pub stdio: Stdio,
+    /// Guest kernel and initramfs for `--isolation vm` (`--kernel`/`--initrd`); unset ones
+    /// are found by `artifacts::locate` (environment, build output, system install).
+    pub guest_artifacts: GuestArtifacts,
+}
+
+/// Explicit guest kernel and initramfs paths.
+#[derive(Debug, Clone, Default)]
+pub struct GuestArtifacts {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
 }
 
 /// Files to use as a process's stdin, stdout and stderr instead of the caller's

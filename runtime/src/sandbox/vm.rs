@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use oci_spec::runtime::{LinuxResources, Process, UserBuilder};
 
-use super::{CreateOptions, ExecOptions, Sandbox, SandboxError};
+use super::{CreateOptions, ExecOptions, GuestArtifacts, Sandbox, SandboxError};
 use crate::artifacts::{locate, Artifact};
 use crate::daemon::config::TEST_GUEST_ENV;
 use crate::daemon::control::{self, ControlRequest, ControlResponse};
@@ -68,7 +68,7 @@ fn husk_binary(id: &str, op: &'static str) -> Result<PathBuf, SandboxError> {
 }
 
 /// What the daemon boots, or the test-only host agent.
-fn guest_kind(id: &str) -> Result<GuestKind, SandboxError> {
+fn guest_kind(id: &str, artifacts: &GuestArtifacts) -> Result<GuestKind, SandboxError> {
     if std::env::var(TEST_GUEST_ENV).as_deref() == Ok("host-agent") {
         let exe = husk_binary(id, "create")?;
         let agent = std::env::var_os("HUSK_AGENT")
@@ -76,10 +76,12 @@ fn guest_kind(id: &str) -> Result<GuestKind, SandboxError> {
             .unwrap_or_else(|| exe.with_file_name("husk-agent"));
         return Ok(GuestKind::HostAgent { agent });
     }
-    let locate = |a| locate(a, None).map_err(|e| backend_err(id, "create", e));
+    let locate = |a, explicit: &Option<PathBuf>| {
+        locate(a, explicit.as_deref()).map_err(|e| backend_err(id, "create", e))
+    };
     Ok(GuestKind::Vm {
-        kernel: locate(Artifact::Kernel)?,
-        initrd: locate(Artifact::Initrd)?,
+        kernel: locate(Artifact::Kernel, &artifacts.kernel)?,
+        initrd: locate(Artifact::Initrd, &artifacts.initrd)?,
         vcpus: 1,
         mem_mib: crate::vmm::config::DEFAULT_MEM_MIB,
     })
@@ -263,7 +265,7 @@ impl Sandbox for VmSandbox {
             bundle: bundle.path.clone(),
             rootfs: bundle.rootfs(),
             console_socket: opts.console_socket.clone(),
-            guest: guest_kind(id)?,
+            guest: guest_kind(id, &opts.guest_artifacts)?,
             jail: false,
             seccomp: std::env::var("HUSK_SECCOMP").unwrap_or_else(|_| "kill".into()),
         };
@@ -425,5 +427,37 @@ impl Sandbox for VmSandbox {
             "container {}: update is not done yet for --isolation vm",
             entry.id()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_guest_artifacts_are_used_and_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        let initrd = dir.path().join("initramfs.cpio");
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&initrd, b"i").unwrap();
+        let given = GuestArtifacts {
+            kernel: Some(kernel.clone()),
+            initrd: Some(initrd.clone()),
+        };
+        match guest_kind("c", &given).unwrap() {
+            GuestKind::Vm {
+                kernel: k,
+                initrd: i,
+                ..
+            } => assert_eq!((k, i), (kernel, initrd)),
+            other => panic!("expected a VM guest, got {other:?}"),
+        }
+        let missing = GuestArtifacts {
+            kernel: Some(dir.path().join("nope")),
+            ..given
+        };
+        let err = guest_kind("c", &missing).unwrap_err().to_string();
+        assert!(err.contains("nope") && err.contains("HUSK_KERNEL"), "{err}");
     }
 }
