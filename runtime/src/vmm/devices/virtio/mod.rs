@@ -67,6 +67,31 @@ pub enum ActivateError {
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl ActivateError {
+    /// The checks every device makes on DRIVER_OK: not active yet, and the transport
+    /// hands over as many queues as the device has.
+    pub fn check(already_active: bool, expected: usize, got: usize) -> Result<(), Self> {
+        if already_active {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if got != expected {
+            return Err(ActivateError::QueueCount { expected, got });
+        }
+        Ok(())
+    }
+}
+
+/// Reads `data.len()` bytes of a device's config space at `offset`; bytes past its end
+/// read as zero (virtio 1.2, 4.2.2.1: the driver may read any width within the space).
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) else {
+        return;
+    };
+    let n = src.len().min(data.len());
+    data[..n].copy_from_slice(&src[..n]);
+}
+
 /// A device model behind a virtio transport.
 ///
 /// The trait holds only what a transport needs; the device's data path (what it does with
@@ -108,4 +133,37 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device: drop the queues and return to the state before
     /// activation, so that the driver can set it up again.
     fn reset(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_reads_zero_past_the_end() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        read_config_space(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_space(&config, 9, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_space(&config, u64::MAX, &mut data[..1]);
+        assert_eq!(data[0], 0);
+    }
+
+    #[test]
+    fn activation_checks_state_then_queue_count() {
+        assert!(matches!(
+            ActivateError::check(true, 2, 2),
+            Err(ActivateError::AlreadyActive)
+        ));
+        assert!(matches!(
+            ActivateError::check(false, 3, 2),
+            Err(ActivateError::QueueCount {
+                expected: 3,
+                got: 2
+            })
+        ));
+        assert!(ActivateError::check(false, 2, 2).is_ok());
+    }
 }

@@ -15,7 +15,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::frontend::{FrontendError, VhostUserSession};
 use super::virtiofsd::{Virtiofsd, VirtiofsdConfig, VirtiofsdError};
-use crate::vmm::devices::virtio::{device_type, features, ActivateError, Interrupt, VirtioDevice};
+use crate::vmm::devices::virtio::{
+    device_type, features, read_config_space, ActivateError, Interrupt, VirtioDevice,
+};
 
 /// Queue 0 is the high-priority queue (FORGET, INTERRUPT), queue 1 the one request
 /// queue: one is enough for a guest with few vCPUs, and virtiofsd serves each queue from
@@ -202,14 +204,7 @@ impl VirtioDevice for VirtioFs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config_space.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        read_config_space(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -225,15 +220,7 @@ impl VirtioDevice for VirtioFs {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
+        ActivateError::check(self.active.is_some(), NUM_QUEUES, queues.len())?;
         self.start_backend(&mem, &queues)
             .map_err(|e| ActivateError::Backend(Box::new(e)))?;
         self.active = Some(Active { interrupt });

@@ -13,7 +13,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::rate_limiter::RateLimiter;
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::{offload, MAX_FRAME_LEN};
-use crate::vmm::devices::virtio::{device_type, features, ActivateError, Interrupt, VirtioDevice};
+use crate::vmm::devices::virtio::{
+    device_type, features, read_config_space, ActivateError, Interrupt, VirtioDevice,
+};
 
 /// Queue indexes (5.1.2).
 pub const RXQ: usize = 0;
@@ -401,14 +403,7 @@ impl VirtioDevice for Net {
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[10..12].copy_from_slice(&self.config.mtu.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_space(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -422,15 +417,7 @@ impl VirtioDevice for Net {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
-        }
+        ActivateError::check(self.active.is_some(), QUEUE_SIZES.len(), queues.len())?;
         self.active = Some(Active {
             mem,
             interrupt,

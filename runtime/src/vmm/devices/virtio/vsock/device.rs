@@ -13,7 +13,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::packet::{Packet, HEADER_SIZE};
 use super::unix::{Muxer, MuxerError};
 use super::{DEFAULT_GUEST_CID, HOST_CID};
-use crate::vmm::devices::virtio::{device_type, features, ActivateError, Interrupt, VirtioDevice};
+use crate::vmm::devices::virtio::{
+    device_type, features, read_config_space, ActivateError, Interrupt, VirtioDevice,
+};
 
 /// Queue indexes (5.10.2).
 pub const RXQ: usize = 0;
@@ -272,15 +274,7 @@ impl VirtioDevice for Vsock {
 
     /// `struct virtio_vsock_config { le64 guest_cid; }`, read-only.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -293,15 +287,7 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
-        }
+        ActivateError::check(self.active.is_some(), QUEUE_SIZES.len(), queues.len())?;
         self.active = Some(Active {
             mem,
             interrupt,
