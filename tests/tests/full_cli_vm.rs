@@ -435,6 +435,24 @@ fn lifecycle_exec_kill_delete_in_the_docker_call_sequence() {
         "the exec's host process {epid} is gone"
     );
 
+    // pause/resume hold and release the VM's vCPUs; the status follows, as with runc.
+    h.must(&argv(&docker(&["pause", id])), CALL_TIMEOUT);
+    let st = h.state(id);
+    assert_eq!(st["status"], "paused", "{st}");
+    assert!(
+        h.run_for(&["exec", id, "true"], CALL_TIMEOUT).code != Some(0),
+        "exec into a paused container must fail"
+    );
+    // A signal to a paused container (the init ignores SIGTERM) leaves it paused.
+    h.must(&argv(&docker(&["kill", id, "15"])), CALL_TIMEOUT);
+    let st = h.state(id);
+    assert_eq!(st["status"], "paused", "{st}");
+    h.must(&argv(&docker(&["resume", id])), CALL_TIMEOUT);
+    let st = h.state(id);
+    assert_eq!(st["status"], "running", "{st}");
+    let out = h.run_for(&["exec", id, "echo", "resumed"], CALL_TIMEOUT);
+    assert_eq!(out.stdout, "resumed\n", "{out:?}");
+
     // A container init ignores an unhandled SIGTERM: Docker follows with SIGKILL.
     h.must(&argv(&docker(&["kill", id, "15"])), CALL_TIMEOUT);
     h.must(&argv(&docker(&["kill", id, "9"])), CALL_TIMEOUT);

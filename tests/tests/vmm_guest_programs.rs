@@ -396,3 +396,49 @@ fn pause_holds_the_vcpu_and_resume_lets_it_continue() {
     vm.resume().expect("resume");
     wait_past(held);
 }
+
+/// The daemon's path: `wait` runs on the VM's own thread and another thread pauses and
+/// resumes it through a [`husk::vmm::VmPauseHandle`].
+#[test]
+fn a_pause_handle_silences_a_waiting_vm_until_resume_and_a_paused_vm_stops() {
+    let mut a = Asm::new(LONG_BASE);
+    let top = a.here();
+    a.print(".").jmp_to(top);
+    let (config, console) = raw_config(a.bytes, LONG_BASE, LONG_BASE, CpuMode::Long);
+    let mut vm = start(config);
+    let pause = vm.pause_handle();
+    let stop = vm.stop_handle().expect("stop handle");
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = vm.wait(RunOptions::default());
+        drop(vm);
+        let _ = done_tx.send(result);
+    });
+    let printed = || console.contents().len();
+    let wait_past = |floor: usize| {
+        let t0 = Instant::now();
+        while printed() <= floor {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "console output stuck at {floor} bytes"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_past(0);
+    pause.pause().expect("pause");
+    let held = printed();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(printed(), held, "a paused VM must not print");
+    pause.resume().expect("resume");
+    wait_past(held);
+    pause.pause().expect("pause again");
+    stop.stop().expect("stop");
+    let outcome = done
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a paused VM must stop promptly")
+        .expect("the VM ran");
+    assert_eq!(outcome.exit, GuestExit::Stopped);
+    let err = pause.resume().expect_err("the VM is gone");
+    assert!(matches!(err, RunError::NotRunning), "{err}");
+}

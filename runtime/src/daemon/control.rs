@@ -112,13 +112,8 @@ impl Shared {
                 .agent()
                 .and_then(|mut a| a.start_container(&self.id).map_err(|e| e.to_string()))
                 .map(|()| self.transition(Status::Created, Status::Running)),
-            R::Kill { signal } => self
-                .agent()
-                .and_then(|mut a| {
-                    a.signal_process(self.init(), signal)
-                        .map_err(|e| e.to_string())
-                })
-                .map(|()| self.status()),
+            R::Kill { signal } if status == Status::Paused => self.kill_paused(signal),
+            R::Kill { signal } => self.signal(signal).map(|()| self.status()),
             R::Pause => self.with_guest(|g| g.pause(), Status::Paused),
             R::Resume => self.with_guest(|g| g.resume(), Status::Running),
             R::Shutdown => {
@@ -127,10 +122,7 @@ impl Shared {
                         let _ = self.with_guest(|g| g.resume(), Status::Running);
                     }
                     // The main thread's WaitProcess returns and it shuts the guest down.
-                    let _ = self.agent().and_then(|mut a| {
-                        a.signal_process(self.init(), libc::SIGKILL)
-                            .map_err(|e| e.to_string())
-                    });
+                    let _ = self.signal(libc::SIGKILL);
                 }
                 Ok(self.status())
             }
@@ -139,6 +131,30 @@ impl Shared {
             Ok(status) => ControlResponse::Ok { status },
             Err(message) => ControlResponse::Failed { message },
         }
+    }
+
+    fn signal(&self, signal: i32) -> Result<(), String> {
+        self.agent().and_then(|mut a| {
+            a.signal_process(self.init(), signal)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// The agent of a paused guest cannot answer, so the guest is resumed for the
+    /// signal. As with runc's frozen containers, SIGKILL ends the container at once; any
+    /// other signal waits for `resume` (the guest is paused again).
+    fn kill_paused(&self, signal: i32) -> Result<Status, String> {
+        self.with_guest(|g| g.resume(), Status::Running)?;
+        let sent = self.signal(signal);
+        if signal != libc::SIGKILL {
+            let mut guest = self.guest.lock().unwrap_or_else(|e| e.into_inner());
+            // Not if the container ended meanwhile: the main thread stops the guest.
+            if self.status() == Status::Running {
+                guest.pause().map_err(|e| e.to_string())?;
+                self.transition(Status::Running, Status::Paused);
+            }
+        }
+        sent.map(|()| self.status())
     }
 
     /// Moves `from` -> `to` unless the container stopped meanwhile.
@@ -157,8 +173,12 @@ impl Shared {
     ) -> Result<Status, String> {
         let mut guest = self.guest.lock().unwrap_or_else(|e| e.into_inner());
         op(guest.as_mut()).map_err(|e| e.to_string())?;
-        self.set_status(then);
-        Ok(then)
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        // A container that ended meanwhile stays stopped.
+        if *status != Status::Stopped {
+            *status = then;
+        }
+        Ok(*status)
     }
 }
 

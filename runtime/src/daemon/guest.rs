@@ -34,6 +34,8 @@ pub enum GuestError {
     Vm(#[from] crate::vmm::guest::GuestVmError),
     /// {0} is not supported by this guest
     Unsupported(&'static str),
+    /// cannot {0}: the guest is not running
+    NotStarted(&'static str),
 }
 
 /// How the CLI side reaches the agent (`<run>/guest.json`), for `exec` and `stats`.

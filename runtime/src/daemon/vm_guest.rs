@@ -36,6 +36,10 @@ impl MicroVm {
             GuestKind::HostAgent { .. } => None,
         }
     }
+
+    fn running(&self, what: &'static str) -> Result<&GuestVm, GuestError> {
+        self.vm.as_ref().ok_or(GuestError::NotStarted(what))
+    }
 }
 
 impl GuestBackend for MicroVm {
@@ -60,15 +64,11 @@ impl GuestBackend for MicroVm {
     }
 
     fn pause(&mut self) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported(
-            "pause (GuestVm does not expose vCPU pause yet)",
-        ))
+        Ok(self.running("pause")?.pause()?)
     }
 
     fn resume(&mut self) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported(
-            "resume (GuestVm does not expose vCPU pause yet)",
-        ))
+        Ok(self.running("resume")?.resume()?)
     }
 
     fn stop(&mut self) {

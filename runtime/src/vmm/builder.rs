@@ -24,7 +24,7 @@ use super::kvm::{self, KvmError};
 use super::memory::{self, MemoryError, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use super::snapshot::{LoadedSnapshot, SnapshotError};
 use super::vcpu::{Vcpu, VcpuError};
-use super::vm::{Vm, VmParts};
+use super::vm::{PauseChannel, Vm, VmParts};
 use crate::host::HostMode;
 
 /// Errors building a VM.
@@ -324,6 +324,7 @@ impl VmBuilder {
             fingerprint,
             devices: self.devices,
             host_stop: eventfd()?,
+            pause: PauseChannel::new().map_err(BuildError::EventFd)?,
             ready_notify: None,
         }))
     }

@@ -29,7 +29,7 @@ use super::builder::{BuildError, VmBuilder};
 use super::config::{BootSource, FsShareConfig, VirtioDevicesConfig, VmConfig, VsockDeviceConfig};
 use super::devices::serial::ConsoleOutput;
 use super::devices::virtio::vsock::DEFAULT_GUEST_CID;
-use super::vm::{GuestExit, RunError, RunOptions, VmOutcome, VmStopHandle};
+use super::vm::{GuestExit, RunError, RunOptions, VmOutcome, VmPauseHandle, VmStopHandle};
 use crate::artifacts::{self, Artifact, ArtifactError};
 
 /// The tag of the sandbox share.
@@ -178,6 +178,7 @@ pub struct GuestVm {
     started_at: Instant,
     ready_after: Duration,
     stop: VmStopHandle,
+    pause: VmPauseHandle,
     done: Receiver<Result<VmOutcome, RunError>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -193,6 +194,7 @@ impl GuestVm {
         let (ready_tx, ready_rx) = channel();
         vm.notify_ready(ready_tx);
         let stop = vm.stop_handle().map_err(GuestVmError::Thread)?;
+        let pause = vm.pause_handle();
         let (done_tx, done) = channel();
         let opts = RunOptions {
             until_ready: false,
@@ -214,6 +216,7 @@ impl GuestVm {
             started_at,
             ready_after: Duration::ZERO,
             stop,
+            pause,
             done,
             thread: Some(thread),
         };
@@ -271,6 +274,22 @@ impl GuestVm {
         self.ready_after
     }
 
+    /// Freezes the guest: every vCPU leaves the guest and waits (devices keep running,
+    /// so the agent does not answer until [`GuestVm::resume`]).
+    pub fn pause(&self) -> Result<(), GuestVmError> {
+        Ok(self.pause.pause()?)
+    }
+
+    /// Lets a paused guest run again (a no-op for a running one).
+    pub fn resume(&self) -> Result<(), GuestVmError> {
+        Ok(self.pause.resume()?)
+    }
+
+    /// A handle another thread can use to pause and resume this guest.
+    pub fn pause_handle(&self) -> VmPauseHandle {
+        self.pause.clone()
+    }
+
     /// Waits up to `timeout` for the VM to end on its own; `Ok(None)` if it still runs.
     pub fn wait(&mut self, timeout: Duration) -> Result<Option<VmOutcome>, GuestVmError> {
         match self.done.recv_timeout(timeout) {
@@ -287,8 +306,12 @@ impl GuestVm {
     }
 
     /// Asks the agent to power the guest off; stops the VM if it has not ended within
-    /// 30 s (or the agent cannot be reached).
+    /// 30 s (or the agent cannot be reached). A paused guest is resumed first: its agent
+    /// could not answer.
     pub fn shutdown(mut self) -> Result<VmOutcome, GuestVmError> {
+        if let Err(e) = self.resume() {
+            log::warn!("resuming the guest before its shutdown: {e}");
+        }
         let asked = self.agent().and_then(|mut agent| agent.shutdown());
         if let Err(e) = &asked {
             log::warn!("agent shutdown failed, stopping the VM: {e}");

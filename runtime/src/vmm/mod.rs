@@ -41,4 +41,4 @@ pub use boot::regs::CpuMode;
 pub use builder::{BuildError, MmioSlot, VmBuilder};
 pub use config::{BootSource, VmConfig};
 pub use devices::serial::{ConsoleOutput, SharedBuffer};
-pub use vm::{GuestExit, RunError, RunOptions, Vm, VmOutcome, VmStopHandle};
+pub use vm::{GuestExit, RunError, RunOptions, Vm, VmOutcome, VmPauseHandle, VmStopHandle};

@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,12 @@ pub enum RunError {
         cmd: VcpuCommand,
         state: VcpuState,
     },
+    /// the VM is not running any more (its event loop has ended)
+    NotRunning,
+    /// waking the VMM thread failed: {0}
+    Wake(#[source] std::io::Error),
+    /// the VMM thread did not answer a {0:?} within {1:?}
+    NoAnswer(PauseRequest, Duration),
 }
 
 const EMULATION_HINT: &str = "; look the rip up in the System.map next to the guest's vmlinux \
@@ -80,6 +86,72 @@ impl VmStopHandle {
     }
 }
 
+/// What a [`VmPauseHandle`] asks of the VMM thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseRequest {
+    Pause,
+    Resume,
+}
+
+/// How long a [`VmPauseHandle`] waits for the VMM thread (each vCPU answers within 5 s).
+const PAUSE_WAIT: Duration = Duration::from_secs(30);
+
+/// A request and where its answer goes.
+type PauseCall = (PauseRequest, Sender<Result<(), RunError>>);
+
+/// The VMM thread's end of the pause handles.
+pub(super) struct PauseChannel {
+    wake: Arc<EventFd>,
+    requests: Sender<PauseCall>,
+    pending: Receiver<PauseCall>,
+}
+
+impl PauseChannel {
+    pub(super) fn new() -> std::io::Result<Self> {
+        let (requests, pending) = channel();
+        Ok(Self {
+            wake: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+            requests,
+            pending,
+        })
+    }
+}
+
+/// Pauses and resumes the vCPUs of a VM whose [`Vm::wait`] runs on another thread: the
+/// VMM thread does it and the handle waits for the answer (at most 30 s). Devices keep
+/// running while the vCPUs are paused.
+#[derive(Debug, Clone)]
+pub struct VmPauseHandle {
+    wake: Arc<EventFd>,
+    requests: Sender<PauseCall>,
+}
+
+impl VmPauseHandle {
+    /// Takes every vCPU out of the guest and holds it.
+    pub fn pause(&self) -> Result<(), RunError> {
+        self.call(PauseRequest::Pause)
+    }
+
+    /// Lets paused vCPUs run again (a no-op for running ones).
+    pub fn resume(&self) -> Result<(), RunError> {
+        self.call(PauseRequest::Resume)
+    }
+
+    fn call(&self, request: PauseRequest) -> Result<(), RunError> {
+        let (tx, rx) = channel();
+        self.requests
+            .send((request, tx))
+            .map_err(|_| RunError::NotRunning)?;
+        self.wake.write(1).map_err(RunError::Wake)?;
+        match rx.recv_timeout(PAUSE_WAIT) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout) => Err(RunError::NoAnswer(request, PAUSE_WAIT)),
+            // The VM was dropped with the request unanswered: its event loop had ended.
+            Err(RecvTimeoutError::Disconnected) => Err(RunError::NotRunning),
+        }
+    }
+}
+
 /// The result of running a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmOutcome {
@@ -104,6 +176,8 @@ pub(super) struct VmParts {
     pub devices: DeviceSet,
     /// Written by [`VmStopHandle::stop`].
     pub host_stop: EventFd,
+    /// Requests of [`VmPauseHandle`]s.
+    pub pause: PauseChannel,
     /// Told the time to ready when the guest signals it.
     pub ready_notify: Option<Sender<Duration>>,
 }
@@ -118,6 +192,7 @@ const TOKEN_RESET: u64 = 2;
 const TOKEN_READY: u64 = 3;
 const TOKEN_STDIN: u64 = 4;
 const TOKEN_HOST_STOP: u64 = 5;
+const TOKEN_PAUSE: u64 = 6;
 /// Device events get `DEVICE_TOKENS + their index` in the event source table.
 const DEVICE_TOKENS: u64 = 0x100;
 
@@ -159,6 +234,15 @@ impl Vm {
     /// A handle another thread can use to stop [`Vm::wait`].
     pub fn stop_handle(&self) -> std::io::Result<VmStopHandle> {
         self.parts.host_stop.try_clone().map(VmStopHandle)
+    }
+
+    /// A handle another thread can use to pause and resume the vCPUs while [`Vm::wait`]
+    /// runs (requests are served by the event loop).
+    pub fn pause_handle(&self) -> VmPauseHandle {
+        VmPauseHandle {
+            wake: self.parts.pause.wake.clone(),
+            requests: self.parts.pause.requests.clone(),
+        }
     }
 
     /// `tx` is told the time to ready when the guest signals it (while [`Vm::wait`] runs).
@@ -281,6 +365,7 @@ impl Vm {
         events.add(self.parts.legacy.reset_evt.as_raw_fd(), TOKEN_RESET)?;
         events.add(self.parts.legacy.ready_evt.as_raw_fd(), TOKEN_READY)?;
         events.add(self.parts.host_stop.as_raw_fd(), TOKEN_HOST_STOP)?;
+        events.add(self.parts.pause.wake.as_raw_fd(), TOKEN_PAUSE)?;
         if self.parts.console_input {
             events.add(libc::STDIN_FILENO, TOKEN_STDIN)?;
         }
@@ -350,9 +435,25 @@ impl Vm {
                 let _ = self.parts.host_stop.read();
                 return Ok(Step::Done(GuestExit::Stopped));
             }
+            TOKEN_PAUSE => self.serve_pause_requests(),
             _ => {}
         }
         Ok(Step::Continue)
+    }
+
+    fn serve_pause_requests(&self) {
+        let _ = self.parts.pause.wake.read();
+        while let Ok((request, answer)) = self.parts.pause.pending.try_recv() {
+            let result = match request {
+                // Half a pause is no state to leave the VM in: let the others run again.
+                PauseRequest::Pause => self.pause().inspect_err(|_| {
+                    let _ = self.resume();
+                }),
+                PauseRequest::Resume => self.resume(),
+            };
+            // The caller may have given up waiting; the result is then nobody's.
+            let _ = answer.send(result);
+        }
     }
 
     fn device_event(
