@@ -320,9 +320,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn configures_the_interface_with_that_mac() {
-        let ns = TestNetns::new("cfg");
+    /// The guest NIC stand-in: `nic9`, a veth with the configured MAC.
+    fn add_nic_with_mac(ns: &TestNetns) {
         ns.ip(&[
             "link",
             "add",
@@ -335,6 +334,12 @@ mod tests {
             "name",
             "peer9",
         ]);
+    }
+
+    #[test]
+    fn configures_the_interface_with_that_mac() {
+        let ns = TestNetns::new("cfg");
+        add_nic_with_mac(&ns);
         // A second interface that must stay untouched.
         ns.ip(&[
             "link", "add", "other0", "type", "veth", "peer", "name", "other1",
@@ -396,18 +401,7 @@ mod tests {
     #[test]
     fn an_unreachable_gateway_is_an_error_naming_the_route() {
         let ns = TestNetns::new("gw");
-        ns.ip(&[
-            "link",
-            "add",
-            "nic9",
-            "address",
-            &mac_string(&MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "peer9",
-        ]);
+        add_nic_with_mac(&ns);
         let mut config = config();
         config.interfaces[0].routes = vec![Ipv4Route {
             dest: None,
