@@ -29,7 +29,7 @@ use husk::vmm::{
 use husk_protocol::client::AgentClient;
 use husk_protocol::connector::{Connector, HybridVsockConnector};
 use husk_protocol::messages::StdioRequest;
-use husk_protocol::{ExitStatus, CONTROL_PORT};
+use husk_protocol::ExitStatus;
 use husk_tests::vmm::workspace_artifact_dir;
 use std::os::unix::net::UnixStream;
 
@@ -199,7 +199,8 @@ impl Running {
     }
 
     fn agent(&self, console: &SharedBuffer) -> AgentClient<UnixStream> {
-        AgentClient::handshake(self.stream(CONTROL_PORT, console))
+        let connector = HybridVsockConnector::new(&self.uds).with_reply_timeout(CALL_TIMEOUT);
+        AgentClient::connect_with_read_timeout(&connector, Some(CALL_TIMEOUT))
             .unwrap_or_else(|e| panic!("agent handshake: {e}\nconsole:\n{}", console.text()))
     }
 

@@ -46,11 +46,40 @@ pub struct AgentClient<S = UnixStream> {
     stream: S,
 }
 
+/// How many times a connection that closes before answering `Hello` is opened again.
+const HANDSHAKE_ATTEMPTS: u32 = 3;
+
 impl AgentClient<UnixStream> {
     /// Connects to the control port and does the `Hello` exchange.
     pub fn connect(connector: &dyn Connector) -> Result<Self, ClientError> {
-        let stream = connector.connect(CONTROL_PORT)?;
-        Self::handshake(stream)
+        Self::connect_with_read_timeout(connector, None)
+    }
+
+    /// [`Self::connect`] whose reads (the handshake's and every call's) time out after
+    /// `timeout` instead of blocking forever.
+    ///
+    /// A stream that the guest closes before answering `Hello` is opened again, a few
+    /// times: nothing was asked yet, so retrying cannot repeat a request. The guest's
+    /// vsock has been seen to close a freshly accepted stream this way, rarely, under load.
+    pub fn connect_with_read_timeout(
+        connector: &dyn Connector,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Self, ClientError> {
+        let mut attempt = 1;
+        loop {
+            let stream = connector.connect(CONTROL_PORT)?;
+            stream
+                .set_read_timeout(timeout)
+                .map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
+            match Self::handshake(stream) {
+                Err(ClientError::Handshake(HandshakeError::Frame(FrameError::Closed)))
+                    if attempt < HANDSHAKE_ATTEMPTS =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -268,5 +297,56 @@ mod tests {
         let mut client = AgentClient::handshake(stream).unwrap();
         agent.join().unwrap();
         assert!(matches!(client.ping(), Err(ClientError::Frame(_))));
+    }
+
+    /// Hands out pre-made streams, counting the connects.
+    struct QueuedConnector(std::sync::Mutex<Vec<UnixStream>>);
+
+    impl Connector for QueuedConnector {
+        fn connect(&self, port: u32) -> Result<UnixStream, ConnectError> {
+            assert_eq!(port, CONTROL_PORT);
+            self.0.lock().unwrap().pop().ok_or(ConnectError::Refused {
+                port,
+                reply: "no more streams".into(),
+            })
+        }
+    }
+
+    /// An agent end that takes the `Hello` and closes without answering.
+    fn closing_agent() -> UnixStream {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        thread::spawn(move || {
+            let _: Result<Request, _> = read_frame(&mut agent);
+        });
+        host
+    }
+
+    #[test]
+    fn a_stream_closed_before_hello_is_opened_again() {
+        let closed_host = closing_agent();
+        let (good, agent) = scripted_agent(vec![Response::Pong]);
+        // Popped from the back: the closed stream comes first.
+        let connector = QueuedConnector(std::sync::Mutex::new(vec![good, closed_host]));
+        let mut client = AgentClient::connect_with_read_timeout(
+            &connector,
+            Some(std::time::Duration::from_secs(5)),
+        )
+        .unwrap();
+        client.ping().unwrap();
+        agent.join().unwrap();
+    }
+
+    #[test]
+    fn streams_that_keep_closing_give_up_with_the_handshake_error() {
+        let streams = (0..HANDSHAKE_ATTEMPTS + 1)
+            .map(|_| closing_agent())
+            .collect();
+        let connector = QueuedConnector(std::sync::Mutex::new(streams));
+        match AgentClient::connect(&connector) {
+            Err(ClientError::Handshake(HandshakeError::Frame(FrameError::Closed))) => {}
+            other => panic!("expected the handshake error, got {:?}", other.map(|_| ())),
+        }
+        // Exactly HANDSHAKE_ATTEMPTS connects were made.
+        assert_eq!(connector.0.lock().unwrap().len(), 1);
     }
 }

@@ -16,7 +16,7 @@ use husk::vmm::{ConsoleOutput, SharedBuffer};
 use husk_protocol::client::{AgentClient, Spawned};
 use husk_protocol::connector::Connector;
 use husk_protocol::messages::{ProcessRef, StdioRequest};
-use husk_protocol::{ExitStatus, CONTROL_PORT};
+use husk_protocol::ExitStatus;
 use husk_tests::vmm::{guest_artifact, require_kvm, workspace_artifact_dir};
 use oci_spec::runtime::{Process, ProcessBuilder, Spec};
 
@@ -66,7 +66,8 @@ pub fn boot() -> Guest {
 impl Guest {
     /// A control connection whose reads time out instead of hanging.
     pub fn client(&self) -> AgentClient {
-        AgentClient::handshake(self.stream(CONTROL_PORT)).expect("agent handshake")
+        AgentClient::connect_with_read_timeout(self.vm.connector(), Some(CALL_TIMEOUT))
+            .unwrap_or_else(|e| panic!("agent handshake: {e}\nconsole:\n{}", self.console.text()))
     }
 
     /// A stream to one of the agent's ports, with a read timeout.
