@@ -42,8 +42,9 @@ cargo_tests() {
     shift
     for t in "$@"; do args+=(--test "$t"); done
     [ ${#args[@]} -gt 0 ] || { echo "error: no test targets for this tier" >&2; return 1; }
+    # Every test file runs even after one failed, so one run reports all failures.
     # shellcheck disable=SC2086
-    cargo test -p husk-tests "${args[@]}" -- $extra
+    cargo test --no-fail-fast -p husk-tests "${args[@]}" -- $extra
 }
 
 [ -e /dev/kvm ] || echo "error: /dev/kvm is missing: tiers 2 and 3 will fail (they need KVM)" >&2
