@@ -1,6 +1,8 @@
 //! Helpers shared by husk's integration tests.
 
+pub mod cli;
 pub mod engines;
 pub mod guest_asm;
+pub mod netns;
 pub mod vm_lock;
 pub mod vmm;

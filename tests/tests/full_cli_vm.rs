@@ -10,15 +10,13 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use husk_tests::cli::{argv, bundle, cmdline, reap, reap_orphans, wait_child, Guest, Husk};
 use husk_tests::vm_lock;
-use husk_tests::vmm::require_kvm;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 /// Boot plus container creation, with room for a loaded machine.
@@ -29,228 +27,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// One guest at a time, even with the default parallel test threads.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
-}
-
-/// A `--root` of its own, force-deleting its containers when dropped.
-struct Husk {
-    root: tempfile::TempDir,
-    ids: Vec<String>,
-}
-
-/// What a command did (stdio through files: a daemon that inherits them cannot keep
-/// the test waiting for end of file).
-#[derive(Debug)]
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Husk {
-    fn new() -> Husk {
-        // SAFETY: geteuid has no preconditions.
-        let uid = unsafe { libc::geteuid() };
-        assert_eq!(uid, 0, "full_cli_vm needs root");
-        require_kvm();
-        for bin in ["husk", "husk-rootfs"] {
-            assert!(
-                target_dir().join(bin).exists(),
-                "build first: scripts/setup.sh"
-            );
-        }
-        nix::sys::prctl::set_child_subreaper(true).unwrap();
-        Husk {
-            root: tempfile::tempdir().unwrap(),
-            ids: Vec::new(),
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(target_dir().join("husk"));
-        c.arg("--root")
-            .arg(self.root.path())
-            .args(["--isolation", "vm"])
-            .args(args)
-            .env_remove("HUSK_TEST_GUEST")
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn track(&mut self, args: &[&str]) {
-        if let Some(id) = args.last() {
-            if !id.starts_with('-') && !self.ids.iter().any(|i| i == id) {
-                self.ids.push(id.to_string());
-            }
-        }
-    }
-
-    /// Runs `husk ARGS`, killing it after `timeout`.
-    fn run_for(&mut self, args: &[&str], timeout: Duration) -> Out {
-        self.track(args);
-        let dir = tempfile::tempdir().unwrap();
-        let (o, e) = (dir.path().join("out"), dir.path().join("err"));
-        let mut child = self
-            .command(args)
-            .stdout(File::create(&o).unwrap())
-            .stderr(File::create(&e).unwrap())
-            .spawn()
-            .unwrap();
-        let code = wait_child(&mut child, timeout);
-        Out {
-            code,
-            stdout: std::fs::read_to_string(o).unwrap_or_default(),
-            stderr: std::fs::read_to_string(e).unwrap_or_default(),
-        }
-    }
-
-    fn must(&mut self, args: &[&str], timeout: Duration) -> Out {
-        let out = self.run_for(args, timeout);
-        assert_eq!(out.code, Some(0), "husk {}: {out:?}", args.join(" "));
-        out
-    }
-
-    fn state(&mut self, id: &str) -> Value {
-        let out = self.must(&["state", id], CALL_TIMEOUT);
-        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("state: {e}: {out:?}"))
-    }
-
-    fn wait_status(&mut self, id: &str, want: &str, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            let st = self.state(id);
-            if st["status"] == want {
-                return;
-            }
-            assert!(start.elapsed() < timeout, "{id}: {st}, want {want}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Nothing of the sandbox is left: no state dir, mount or process under the root.
-    fn assert_nothing_left(&self) {
-        let left: Vec<_> = std::fs::read_dir(self.root.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert!(left.is_empty(), "left under --root: {left:?}");
-        let root = self.root.path().to_string_lossy().to_string();
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(!mounts.contains(&root), "mounts left under {root}");
-        // Helpers (a detached exec's relay) end when the guest's streams close: give
-        // them a moment, no more.
-        let start = Instant::now();
-        loop {
-            reap_orphans();
-            let left = processes_naming(&root);
-            if left.is_empty() {
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "processes left: {left:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// "PID cmdline" of the processes whose command line contains `text`.
-fn processes_naming(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(text) {
-            out.push(format!("{} {cmdline}", p.file_name().to_string_lossy()));
-        }
-    }
-    out
-}
-
-impl Drop for Husk {
-    fn drop(&mut self) {
-        for id in self.ids.clone() {
-            let _ = self
-                .command(&["delete", "--force", &id])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-        reap_orphans();
-    }
-}
-
-/// Waits for `child` up to `timeout` (killing it then); its exit code.
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<i32> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits (as subreaper) for `pid`; its exit code, shell convention.
-fn reap(pid: i32, timeout: Duration) -> i32 {
-    let start = Instant::now();
-    loop {
-        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)).unwrap() {
-            WaitStatus::Exited(_, code) => return code,
-            WaitStatus::Signaled(_, sig, _) => return 128 + sig as i32,
-            _ => {}
-        }
-        assert!(start.elapsed() < timeout, "pid {pid} did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Reaps whatever exited among the orphans reparented to this subreaper.
-fn reap_orphans() {
-    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
-        }
-    }
-}
-
-/// A busybox bundle running `sh -c SCRIPT`.
-fn bundle(script: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let ok = Command::new(target_dir().join("husk-rootfs"))
-        .args(["bundle", "--force", "--out"])
-        .arg(dir.path())
-        .args(["--", "sh", "-c", script])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "husk-rootfs bundle failed");
-    dir
-}
-
-/// `Vec<String>` arguments as `husk` takes them.
-fn argv(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-fn cmdline(pid: i64) -> String {
-    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
-        .replace('\0', " ")
-}
-
 #[test]
 fn run_prints_output_relays_stdin_and_propagates_the_exit_code() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let _vm = vm_lock::hold();
-    let mut h = Husk::new();
+    let mut h = Husk::new(Guest::MicroVm);
     let b = bundle("read x; echo hello from a husk microVM: $x; uname -a; echo oops >&2; exit 3");
     h.track(&["r1"]);
     let err = tempfile::NamedTempFile::new().unwrap();
@@ -318,7 +99,7 @@ fn run_prints_output_relays_stdin_and_propagates_the_exit_code() {
 fn lifecycle_exec_kill_delete_in_the_docker_call_sequence() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let _vm = vm_lock::hold();
-    let mut h = Husk::new();
+    let mut h = Husk::new(Guest::MicroVm);
     let b = bundle("echo started; exec sleep 1000");
     let d = b.path();
     let s = |p: PathBuf| p.to_str().unwrap().to_string();
@@ -367,7 +148,7 @@ fn lifecycle_exec_kill_delete_in_the_docker_call_sequence() {
         "figure: husk create (vm, boot + container at the exec barrier) {} ms",
         started.elapsed().as_millis()
     );
-    let st = h.state(id);
+    let st = h.state(id, CALL_TIMEOUT);
     assert_eq!(st["status"], "created", "{st}");
     let pid = st["pid"].as_i64().unwrap();
     assert_eq!(
@@ -437,7 +218,7 @@ fn lifecycle_exec_kill_delete_in_the_docker_call_sequence() {
 
     // pause/resume hold and release the VM's vCPUs; the status follows, as with runc.
     h.must(&argv(&docker(&["pause", id])), CALL_TIMEOUT);
-    let st = h.state(id);
+    let st = h.state(id, CALL_TIMEOUT);
     assert_eq!(st["status"], "paused", "{st}");
     assert!(
         h.run_for(&["exec", id, "true"], CALL_TIMEOUT).code != Some(0),
@@ -445,10 +226,10 @@ fn lifecycle_exec_kill_delete_in_the_docker_call_sequence() {
     );
     // A signal to a paused container (the init ignores SIGTERM) leaves it paused.
     h.must(&argv(&docker(&["kill", id, "15"])), CALL_TIMEOUT);
-    let st = h.state(id);
+    let st = h.state(id, CALL_TIMEOUT);
     assert_eq!(st["status"], "paused", "{st}");
     h.must(&argv(&docker(&["resume", id])), CALL_TIMEOUT);
-    let st = h.state(id);
+    let st = h.state(id, CALL_TIMEOUT);
     assert_eq!(st["status"], "running", "{st}");
     let out = h.run_for(&["exec", id, "echo", "resumed"], CALL_TIMEOUT);
     assert_eq!(out.stdout, "resumed\n", "{out:?}");
