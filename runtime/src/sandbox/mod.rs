@@ -10,6 +10,7 @@
 //! files in `entry.dir()`.
 
 pub mod container;
+pub mod husk_binary;
 pub mod lifecycle;
 pub mod signal;
 pub mod vm;

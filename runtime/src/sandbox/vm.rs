@@ -61,10 +61,10 @@ fn wrong_status(entry: &Entry, status: Status, op: &'static str) -> SandboxError
     }
 }
 
-/// The husk binary, for the daemon and exec helpers.
+/// The husk binary, for the daemon and exec helpers (not the running program when that
+/// is the shim: see [`super::husk_binary`]).
 fn husk_binary(id: &str, op: &'static str) -> Result<PathBuf, SandboxError> {
-    std::env::current_exe()
-        .map_err(|e| backend_err(id, op, format!("cannot find the husk binary: {e}")))
+    super::husk_binary::find().map_err(|e| backend_err(id, op, e))
 }
 
 /// What the daemon boots, or the test-only host agent.
