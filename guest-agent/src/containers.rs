@@ -237,6 +237,12 @@ impl Agent {
         })?;
         guard.watch(init_pid);
         drop(guard);
+        if needs_loopback(spec) {
+            if let Err(e) = crate::network::loopback_up_in(init_pid.as_raw()) {
+                let _ = container_delete(container);
+                return Err(io_error("the container's loopback".into(), e));
+            }
+        }
         let mut entry = ContainerEntry {
             container,
             init_pid,
@@ -467,6 +473,24 @@ impl Agent {
             }
         }
     }
+}
+
+/// A new network namespace (no path) gets its loopback up, as with runc; in the
+/// guest's own namespace (no entry) `ConfigureNetwork` brings it up.
+fn needs_loopback(spec: &Spec) -> bool {
+    use oci_spec::runtime::LinuxNamespaceType;
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|namespaces| {
+            namespaces
+                .iter()
+                .any(|ns| ns.typ() == LinuxNamespaceType::Network && ns.path().is_none())
+        })
+}
+
+fn container_delete(mut container: Container) -> Result<(), LibcontainerError> {
+    container.delete(true)
 }
 
 /// Checks what libcontainer would otherwise reject with a less helpful message.

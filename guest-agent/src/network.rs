@@ -39,13 +39,52 @@ pub enum NetworkError {
     },
 }
 
-/// Applies `config` to the calling thread's network namespace.
+/// Loopback is the first device of every network namespace (`LOOPBACK_IFINDEX`).
+const LOOPBACK_INDEX: u32 = 1;
+
+/// Applies `config` to the calling thread's network namespace (and brings its loopback
+/// up: the container shares this namespace).
 pub fn configure(config: &NetworkConfig) -> Result<(), NetworkError> {
     let mut rtnl = Rtnl::open()?;
+    rtnl.set_link(LOOPBACK_INDEX, true, vec![])
+        .map_err(|source| NetworkError::Request {
+            what: "setting the link up".into(),
+            interface: "lo".into(),
+            source,
+        })?;
     for iface in &config.interfaces {
         configure_interface(&mut rtnl, iface)?;
     }
     Ok(())
+}
+
+/// Brings up the loopback of process `pid`'s network namespace, as runc does for a
+/// container with a new one: youki's libcontainer leaves it down. `setns` moves only the
+/// calling thread, so a short-lived thread does it.
+pub fn loopback_up_in(pid: i32) -> Result<(), NetworkError> {
+    let path = format!("/proc/{pid}/ns/net");
+    let enter = |source: io::Error| NetworkError::Request {
+        what: format!("entering {path}"),
+        interface: "lo".into(),
+        source,
+    };
+    let netns = std::fs::File::open(&path).map_err(enter)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| enter(e.into()))?;
+                Rtnl::open()?
+                    .set_link(LOOPBACK_INDEX, true, vec![])
+                    .map_err(|source| NetworkError::Request {
+                        what: "setting the link up".into(),
+                        interface: "lo".into(),
+                        source,
+                    })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(enter(io::Error::other("the netns thread panicked"))))
+    })
 }
 
 fn mac_string(mac: &[u8]) -> String {

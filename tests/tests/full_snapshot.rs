@@ -85,6 +85,7 @@ fn config(guest: &Guest, console: &SharedBuffer, vsock: &Path) -> VmConfig {
                 guest_cid: 3,
             }),
             shares: Vec::new(),
+            net: None,
         },
     }
 }

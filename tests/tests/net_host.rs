@@ -5,138 +5,14 @@
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use husk::net::{NetError, NetnsAttachment, NetnsError, TAP_NAME};
 use husk::vmm::devices::virtio::net::Tap;
 use husk_protocol::messages::{Ipv4Net, Ipv4Route};
+use husk_tests::netns::{pair, run, Ns};
 
 const VNET_HDR_LEN: usize = 12;
-
-/// A named network namespace, deleted on drop with everything in it.
-struct Ns(String);
-
-impl Ns {
-    fn new(tag: &str) -> Self {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "net_host tests need root (network namespaces, taps, tc)"
-        );
-        let name = format!("hn-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run("ip", &["netns", "add", &name]);
-        // Only the test's frames: no IPv6 autoconfiguration chatter.
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &name,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.disable_ipv6=1",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &name,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ],
-        );
-        Self(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.0))
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    fn ip_ok(&self, args: &[&str]) -> bool {
-        Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    }
-
-    fn tc(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        run("tc", &all)
-    }
-
-    fn mac(&self, dev: &str) -> [u8; 6] {
-        let link: serde_json::Value =
-            serde_json::from_str(&self.ip(&["-j", "link", "show", "dev", dev])).unwrap();
-        let s = link[0]["address"].as_str().unwrap();
-        let mut mac = [0u8; 6];
-        for (b, part) in mac.iter_mut().zip(s.split(':')) {
-            *b = u8::from_str_radix(part, 16).unwrap();
-        }
-        mac
-    }
-
-    /// Nothing of husk's left: no tap, no ingress qdisc on `dev`.
-    fn assert_clean(&self, dev: &str) {
-        assert!(
-            !self.ip_ok(&["link", "show", "dev", TAP_NAME]),
-            "tap left behind"
-        );
-        let qdiscs = self.tc(&["qdisc", "show", "dev", dev]);
-        assert!(!qdiscs.contains("ingress"), "qdisc left on {dev}: {qdiscs}");
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A and B joined by a veth pair; A also has a default route via B.
-fn pair(tag: &str) -> (Ns, Ns) {
-    let a = Ns::new(&format!("{tag}a"));
-    let b = Ns::new(&format!("{tag}b"));
-    run(
-        "ip",
-        &[
-            "link", "add", "vA", "netns", &a.0, "mtu", "1400", "type", "veth", "peer", "name",
-            "vB", "netns", &b.0,
-        ],
-    );
-    a.ip(&["addr", "add", "10.200.0.1/24", "dev", "vA"]);
-    b.ip(&["addr", "add", "10.200.0.2/24", "dev", "vB"]);
-    a.ip(&["link", "set", "vA", "up"]);
-    b.ip(&["link", "set", "vB", "up"]);
-    a.ip(&["route", "add", "default", "via", "10.200.0.2"]);
-    (a, b)
-}
 
 fn write_frame(tap: &Tap, frame: &[u8]) {
     let mut buf = vec![0u8; VNET_HDR_LEN];

@@ -200,6 +200,14 @@ impl<S: Read + Write> AgentClient<S> {
         })
     }
 
+    /// Gives the guest's network namespace the interfaces in `config` (matched by MAC).
+    pub fn configure_network(
+        &mut self,
+        config: crate::messages::NetworkConfig,
+    ) -> Result<(), ClientError> {
+        self.expect_done(&Request::ConfigureNetwork { config })
+    }
+
     /// Asks the agent to kill everything and power off. The connection may close before
     /// the answer arrives, which counts as success.
     pub fn shutdown(&mut self) -> Result<(), ClientError> {

@@ -34,6 +34,13 @@ pub enum GuestError {
     Vm(#[from] crate::vmm::guest::GuestVmError),
     /// {0} is not supported by this guest
     Unsupported(&'static str),
+    /// the container's network namespace: {0}
+    Net(#[from] crate::net::NetError),
+    /// cannot write the network record {path:?} (what `husk delete` removes): {source}
+    NetRecord {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// cannot {0}: the guest is not running
     NotStarted(&'static str),
 }

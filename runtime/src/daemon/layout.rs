@@ -62,6 +62,12 @@ impl Layout {
         self.share_dir().join(&self.id).join("rootfs")
     }
 
+    /// Copies of the bundle's `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` bind
+    /// sources, in the share so the guest sees them (see [`crate::net::guest`]).
+    pub fn name_files(&self) -> PathBuf {
+        self.share_dir().join(&self.id).join("etc")
+    }
+
     /// `JailConfig::root`: the jail is made at `<this>/<id>/jail`.
     pub fn jail_root(&self) -> PathBuf {
         self.entry.join("vm")

@@ -71,6 +71,8 @@ pub enum DaemonError {
     /// {0}
     Share(#[from] share::ShareError),
     /// {0}
+    GuestSpec(#[from] crate::net::guest::GuestSpecError),
+    /// {0}
     Relay(#[from] relay::RelayError),
     /// {0}
     Control(#[from] control::ControlError),

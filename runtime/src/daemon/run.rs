@@ -4,7 +4,7 @@
 
 use std::os::fd::RawFd;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use super::vm_guest::MicroVm;
 use super::{agent_err, io_err, share, DaemonError, Layout};
 use crate::oci::{Bundle, Status};
 use crate::seccomp::{self, SeccompMode, ThreadKind};
+use crate::vmm::guest::GUEST_SHARE_DIR;
 
 /// How long the container's last output may take to reach the host after it exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,10 +73,41 @@ pub fn main(config_path: &Path, ready_fd: RawFd) -> i32 {
     }
 }
 
-fn backend(config: &DaemonConfig) -> Box<dyn GuestBackend> {
+fn backend(config: &DaemonConfig, netns: Option<PathBuf>) -> Box<dyn GuestBackend> {
     match &config.guest {
         GuestKind::HostAgent { agent } => Box::new(HostAgent::new(agent)),
-        kind => Box::new(MicroVm::new(kind).expect("a VM guest kind")),
+        kind => Box::new(
+            MicroVm::new(kind)
+                .expect("a VM guest kind")
+                .with_netns(netns),
+        ),
+    }
+}
+
+/// The spec as the guest gets it (see [`crate::net::guest`]) and the network namespace
+/// to attach to. The test-only host agent runs on the host: the spec stays as it is.
+fn guest_spec(
+    config: &DaemonConfig,
+    layout: &Layout,
+    spec: &mut oci_spec::runtime::Spec,
+) -> Result<Option<PathBuf>, DaemonError> {
+    match config.guest {
+        GuestKind::HostAgent { .. } => Ok(None),
+        GuestKind::Vm { .. } => {
+            let in_guest = Path::new(GUEST_SHARE_DIR).join(&config.id).join("etc");
+            Ok(crate::net::guest::prepare_spec(
+                spec,
+                &layout.name_files(),
+                &in_guest,
+            )?)
+        }
+    }
+}
+
+/// Removes what the guest's network left on the host (redirects, name-file copies).
+fn remove_guest_net(layout: &Layout) {
+    if let Err(e) = crate::net::guest::cleanup(&layout.run_dir(), &layout.name_files()) {
+        log::warn!("{e}");
     }
 }
 
@@ -94,7 +126,7 @@ fn start(config: &DaemonConfig) -> Result<Running, DaemonError> {
         path: config.bundle.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let spec = bundle.spec.clone();
+    let mut spec = bundle.spec.clone();
     let process = spec.process().as_ref().ok_or(DaemonError::NoProcess)?;
     let terminal = process.terminal().unwrap_or(false);
     if terminal && config.console_socket.is_none() {
@@ -111,7 +143,14 @@ fn start(config: &DaemonConfig) -> Result<Running, DaemonError> {
         &config.rootfs,
         readonly,
     )?;
-    let mut guest = backend(config);
+    let netns = match guest_spec(config, &layout, &mut spec) {
+        Ok(netns) => netns,
+        Err(e) => {
+            let _ = share::remove(&layout.share_dir(), &layout.rootfs_mount());
+            return Err(e);
+        }
+    };
+    let mut guest = backend(config, netns);
     let started = (|| {
         let address = guest.start(&layout.share_dir(), &run_dir)?;
         let json = serde_json::to_vec(&address).expect("addresses serialize");
@@ -141,6 +180,7 @@ fn start(config: &DaemonConfig) -> Result<Running, DaemonError> {
         Ok(parts) => parts,
         Err(e) => {
             guest.stop();
+            remove_guest_net(&layout);
             let _ = share::remove(&layout.share_dir(), &layout.rootfs_mount());
             return Err(e);
         }

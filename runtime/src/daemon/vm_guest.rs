@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use super::config::GuestKind;
 use super::guest::{GuestAddress, GuestBackend, GuestError};
-use crate::vmm::guest::{GuestVm, GuestVmConfig, GUEST_SHARE_DIR, VSOCK_SOCKET};
+use crate::net::guest::{AttachRecord, RECORD_FILE};
+use crate::net::NetnsAttachment;
+use crate::vmm::config::NetDeviceConfig;
+use crate::vmm::guest::{GuestNet, GuestVm, GuestVmConfig, GUEST_SHARE_DIR, VSOCK_SOCKET};
 use crate::vmm::ConsoleOutput;
 
 /// A microVM booted from `kernel` + `initrd`.
@@ -14,6 +17,11 @@ pub struct MicroVm {
     initrd: PathBuf,
     vcpus: u8,
     mem_mib: u64,
+    /// The network namespace to attach to (the spec's `network` namespace path).
+    netns: Option<PathBuf>,
+    /// Kept for the sandbox's life; its filters outlive the daemon when it is confined,
+    /// so `husk delete` removes them from the record (see [`crate::net::guest`]).
+    net: Option<NetnsAttachment>,
     vm: Option<GuestVm>,
 }
 
@@ -31,9 +39,62 @@ impl MicroVm {
                 initrd: initrd.clone(),
                 vcpus: *vcpus,
                 mem_mib: *mem_mib,
+                netns: None,
+                net: None,
                 vm: None,
             }),
             GuestKind::HostAgent { .. } => None,
+        }
+    }
+
+    /// Attach the guest to the network namespace at `netns` when it starts.
+    pub fn with_netns(mut self, netns: Option<PathBuf>) -> Self {
+        self.netns = netns;
+        self
+    }
+
+    /// Creates the tap and the redirects in the namespace and records them in `run_dir`
+    /// first, so that `husk delete` finds them whatever happens to the daemon.
+    fn attach(&mut self, netns: &Path, run_dir: &Path) -> Result<GuestNet, GuestError> {
+        let mut attachment = NetnsAttachment::create(netns)?;
+        let record = AttachRecord {
+            netns: netns.to_path_buf(),
+            interface: attachment.interface().name.clone(),
+        };
+        if let Err(source) = record.write(run_dir) {
+            let _ = attachment.remove();
+            return Err(GuestError::NetRecord {
+                path: run_dir.join(RECORD_FILE),
+                source,
+            });
+        }
+        log::info!(
+            "attached to {}: {:?}",
+            netns.display(),
+            attachment.interface()
+        );
+        let device = attachment.take_tap().map(|tap| NetDeviceConfig {
+            tap: std::sync::Arc::new(tap),
+            config: attachment.net_config(),
+        });
+        let interface = attachment.interface().clone();
+        self.net = Some(attachment);
+        match device {
+            Some(device) => Ok(GuestNet { device, interface }),
+            None => {
+                self.detach(run_dir);
+                Err(GuestError::NotStarted("attach the network twice"))
+            }
+        }
+    }
+
+    /// Undoes [`MicroVm::attach`] after a failed start (the daemon is not confined yet).
+    fn detach(&mut self, run_dir: &Path) {
+        if let Some(attachment) = self.net.take() {
+            if let Err(e) = attachment.remove() {
+                log::error!("removing the network attachment: {e}");
+            }
+            let _ = std::fs::remove_file(run_dir.join(RECORD_FILE));
         }
     }
 
@@ -51,7 +112,16 @@ impl GuestBackend for MicroVm {
         config.mem_mib = self.mem_mib;
         // The daemon's stdio is the container's: the guest console goes to the log.
         config.console = ConsoleOutput::Log;
-        let vm = GuestVm::boot(config)?;
+        if let Some(netns) = self.netns.clone() {
+            config.net = Some(self.attach(&netns, run_dir)?);
+        }
+        let vm = match GuestVm::boot(config) {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.detach(run_dir);
+                return Err(e.into());
+            }
+        };
         log::info!("guest agent ready after {:?}", vm.ready_after());
         self.vm = Some(vm);
         Ok(GuestAddress::HybridVsock {
@@ -78,5 +148,8 @@ impl GuestBackend for MicroVm {
                 Err(e) => log::error!("stopping the guest: {e}"),
             }
         }
+        // The tap went with the VM; the redirects stay for `husk delete` (a confined
+        // daemon cannot run `tc`), which removes them from the record.
+        self.net = None;
     }
 }

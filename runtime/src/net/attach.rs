@@ -40,7 +40,7 @@ impl Undo<'_> {
 
 /// Deletes the tap even while a VMM still holds its fd (the link goes, the fd then
 /// fails). A tap already gone is fine.
-fn delete_tap(netns: &Netns) -> Option<NetError> {
+pub(crate) fn delete_tap(netns: &Netns) -> Option<NetError> {
     match run_in(netns, "ip", &["link", "del", "dev", TAP_NAME]) {
         Ok(_) => None,
         Err(NetError::Command { stderr, .. })

@@ -11,6 +11,8 @@
 //! - [`inspect`]: what the namespace's interface looks like.
 //! - [`tc`]: the redirect filters.
 //! - [`attach`]: [`NetnsAttachment`], the whole setup and its removal.
+//! - [`guest`]: what a VM sandbox makes of the spec (namespace path, name files) and
+//!   the cleanup `husk delete` runs.
 //!
 //! Host-side commands: the filters are made with `tc`, and the interface read with
 //! `ip -j` (iproute2). It runs once per sandbox, the filter syntax is exactly what
@@ -20,6 +22,7 @@
 //! since its fd must come from inside the namespace.
 
 pub mod attach;
+pub mod guest;
 pub mod inspect;
 pub mod netns;
 pub mod tc;

@@ -337,6 +337,9 @@ impl Sandbox for VmSandbox {
             }
         }
         shut_down_orphaned_guest(&layout);
+        // The daemon may be confined (no `tc`): its network redirects are removed here.
+        crate::net::guest::cleanup(&layout.run_dir(), &layout.name_files())
+            .map_err(|e| backend_err(entry.id(), "delete", e))?;
         share::remove(&layout.share_dir(), &layout.rootfs_mount())
             .map_err(|e| backend_err(entry.id(), "delete", e))?;
         if layout.jailed() {

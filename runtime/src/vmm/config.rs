@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use super::boot::cpu_template::CpuTemplate;
 use super::boot::regs::CpuMode;
 use super::devices::serial::ConsoleOutput;
+use super::devices::virtio::net::{NetConfig, Tap};
 use crate::host::HostMode;
 
 /// Default guest size for `husk vmm boot` and sandboxes.
@@ -35,6 +36,17 @@ pub struct VirtioDevicesConfig {
     pub vsock: Option<VsockDeviceConfig>,
     /// Host directories the guest can mount with `mount -t virtiofs TAG DIR`.
     pub shares: Vec<FsShareConfig>,
+    /// A NIC whose host end is a tap (made in the container's network namespace).
+    pub net: Option<NetDeviceConfig>,
+}
+
+/// A virtio-net device over an open tap.
+#[derive(Debug, Clone)]
+pub struct NetDeviceConfig {
+    /// The device gets its own fd on this tap ([`Tap::try_clone`]).
+    pub tap: std::sync::Arc<Tap>,
+    /// MAC and MTU the guest NIC advertises.
+    pub config: NetConfig,
 }
 
 /// A hybrid vsock device: host clients connect to `uds_path` and send `CONNECT <port>`.

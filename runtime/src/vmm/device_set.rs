@@ -14,9 +14,10 @@ use log::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::builder::{BuildError, VmBuilder};
-use super::config::{FsShareConfig, VirtioDevicesConfig, VsockDeviceConfig};
+use super::config::{FsShareConfig, NetDeviceConfig, VirtioDevicesConfig, VsockDeviceConfig};
 use super::devices::virtio::fs::{FsConfig, FsError, FsEvent, VirtioFs, VirtiofsdConfig};
 use super::devices::virtio::mmio::{ActivationFailed, MmioError, MmioTransport};
+use super::devices::virtio::net::{Net, NetError, NetEvent};
 use super::devices::virtio::vsock::{Vsock, VsockConfig, VsockError, VsockEvent};
 use super::devices::virtio::VirtioDevice;
 
@@ -31,6 +32,8 @@ pub enum DeviceSetError {
         dir: String,
         source: FsError,
     },
+    /// virtio-net device on tap {tap}: {source}
+    Net { tap: String, source: NetError },
     /// virtio transport: {0}
     Transport(#[from] MmioError),
     /// cannot create or duplicate a device eventfd: {0}
@@ -49,6 +52,7 @@ pub enum DeviceEvent {
     Vsock(VsockEvent),
     /// An event of the n-th share's device.
     Fs(usize, FsEvent),
+    Net(NetEvent),
 }
 
 /// What the event loop should do after [`DeviceSet::handle`].
@@ -71,6 +75,7 @@ struct Share {
 pub struct DeviceSet {
     vsock: Option<Arc<Mutex<Vsock>>>,
     shares: Vec<Share>,
+    net: Option<Arc<Mutex<Net>>>,
     /// Transports with deferred activation, each with the eventfd that says it is due.
     transports: Vec<(Arc<Mutex<MmioTransport>>, EventFd)>,
 }
@@ -90,7 +95,27 @@ impl DeviceSet {
         for share in &config.shares {
             set.add_share(builder, share)?;
         }
+        if let Some(net) = &config.net {
+            set.add_net(builder, net)?;
+        }
         Ok(set)
+    }
+
+    fn add_net(
+        &mut self,
+        builder: &mut VmBuilder,
+        config: &NetDeviceConfig,
+    ) -> Result<(), DeviceSetError> {
+        let err = |source| DeviceSetError::Net {
+            tap: config.tap.name().to_owned(),
+            source,
+        };
+        let tap = config.tap.try_clone().map_err(|e| err(NetError::Tap(e)))?;
+        let device = Net::new(tap, config.config).map_err(err)?;
+        let device = Arc::new(Mutex::new(device));
+        self.place(builder, device.clone())?;
+        self.net = Some(device);
+        Ok(())
     }
 
     fn add_vsock(
@@ -191,6 +216,14 @@ impl DeviceSet {
                     .map(|&(fd, ev)| (fd, DeviceEvent::Vsock(ev))),
             );
         }
+        if let Some(net) = &self.net {
+            let net = net.lock().expect("virtio-net lock poisoned");
+            sources.extend(
+                net.event_sources()
+                    .iter()
+                    .map(|&(fd, ev)| (fd, DeviceEvent::Net(ev))),
+            );
+        }
         for (i, share) in self.shares.iter().enumerate() {
             let fs = share.device.lock().expect("virtio-fs lock poisoned");
             sources.extend(
@@ -208,6 +241,7 @@ impl DeviceSet {
         match event {
             DeviceEvent::Activate(i) => self.activate(i)?,
             DeviceEvent::Vsock(ev) => self.vsock_event(ev),
+            DeviceEvent::Net(ev) => self.net_event(ev),
             DeviceEvent::Fs(i, ev) => {
                 let Some(share) = self.shares.get(i) else {
                     return Ok(Handled::Continue);
@@ -244,8 +278,21 @@ impl DeviceSet {
             // device: look at the queues once now.
             self.vsock_event(VsockEvent::TxQueue);
             self.vsock_event(VsockEvent::RxQueue);
+            self.net_event(NetEvent::TxQueue);
+            self.net_event(NetEvent::RxQueue);
         }
         Ok(())
+    }
+
+    /// Net errors are logged (a frame is lost, the device stays usable).
+    fn net_event(&self, event: NetEvent) {
+        let Some(net) = &self.net else {
+            return;
+        };
+        let mut net = net.lock().expect("virtio-net lock poisoned");
+        if let Err(e) = net.process(event) {
+            warn!("virtio-net: {e}");
+        }
     }
 
     fn vsock_event(&self, event: VsockEvent) {

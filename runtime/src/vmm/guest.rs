@@ -24,9 +24,12 @@ use std::time::{Duration, Instant};
 
 use husk_protocol::client::{AgentClient, ClientError};
 use husk_protocol::connector::HybridVsockConnector;
+use husk_protocol::messages::{NetInterface, NetworkConfig};
 
 use super::builder::{BuildError, VmBuilder};
-use super::config::{BootSource, FsShareConfig, VirtioDevicesConfig, VmConfig, VsockDeviceConfig};
+use super::config::{
+    BootSource, FsShareConfig, NetDeviceConfig, VirtioDevicesConfig, VmConfig, VsockDeviceConfig,
+};
 use super::devices::serial::ConsoleOutput;
 use super::devices::virtio::vsock::DEFAULT_GUEST_CID;
 use super::vm::{GuestExit, RunError, RunOptions, VmOutcome, VmPauseHandle, VmStopHandle};
@@ -104,6 +107,15 @@ pub struct GuestVmConfig {
     /// From VMM start to the agent's ready signal.
     pub ready_timeout: Duration,
     pub cmdline_extra: String,
+    /// A NIC over a tap, configured by the agent once it is ready.
+    pub net: Option<GuestNet>,
+}
+
+/// The guest's NIC: the device and what the agent makes of it (`ConfigureNetwork`).
+#[derive(Debug)]
+pub struct GuestNet {
+    pub device: NetDeviceConfig,
+    pub interface: NetInterface,
 }
 
 impl GuestVmConfig {
@@ -119,6 +131,7 @@ impl GuestVmConfig {
             console: ConsoleOutput::Log,
             ready_timeout: Duration::from_secs(300),
             cmdline_extra: String::new(),
+            net: None,
         }
     }
 
@@ -142,6 +155,7 @@ impl GuestVmConfig {
                 virtiofsd: artifacts::locate(Artifact::Virtiofsd, self.virtiofsd.as_deref())?,
                 socket_path: self.run_dir.join(VIRTIOFSD_SOCKET),
             }],
+            net: self.net.map(|n| n.device),
         };
         let mut config = VmConfig::new(BootSource::Linux {
             kernel: artifacts::locate(Artifact::Kernel, self.kernel.as_deref())?,
@@ -189,6 +203,7 @@ impl GuestVm {
         let ready_timeout = config.ready_timeout;
         let share_dir = config.share_dir.clone();
         let vsock_path = config.run_dir.join(VSOCK_SOCKET);
+        let interface = config.net.as_ref().map(|n| n.interface.clone());
         let mut vm = VmBuilder::new(config.vm_config()?)?.start()?;
         let started_at = vm.started_at();
         let (ready_tx, ready_rx) = channel();
@@ -226,9 +241,13 @@ impl GuestVm {
             Ok(after) => guest.ready_after = after,
             Err(_) => return Err(guest.ended_before_ready()),
         }
-        guest
-            .agent()?
-            .mount_share(SHARE_TAG, GUEST_SHARE_DIR, false)?;
+        let mut agent = guest.agent()?;
+        agent.mount_share(SHARE_TAG, GUEST_SHARE_DIR, false)?;
+        if let Some(interface) = interface {
+            agent.configure_network(NetworkConfig {
+                interfaces: vec![interface],
+            })?;
+        }
         Ok(guest)
     }
 

@@ -194,7 +194,8 @@ impl Net {
             queues,
         }) = self.active.as_mut()
         else {
-            return Ok(());
+            // Reset on a vCPU thread (see `reset`): stop hearing about the tap here.
+            return self.set_tap_interest(false);
         };
         let rxq = &mut queues[RXQ];
         let mut used_any = false;
@@ -387,12 +388,9 @@ impl VirtioDevice for Net {
     }
 
     fn ack_features(&mut self, features: u64) {
+        // Applied to the tap at activation: this runs on a vCPU thread, whose seccomp
+        // filter has no tap ioctls; activation runs on the event loop.
         self.acked_features = features;
-        // The tap may now give us what the guest takes. If the kernel refuses, frames
-        // still arrive, fully checksummed: slower, still correct.
-        if let Err(e) = self.tap.set_offload(offload::tap_flags(features)) {
-            warn!("net: {e}; receiving without offloads");
-        }
     }
 
     /// `struct virtio_net_config`: mac, status, max_virtqueue_pairs, mtu; read-only.
@@ -418,6 +416,14 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
         ActivateError::check(self.active.is_some(), QUEUE_SIZES.len(), queues.len())?;
+        // The tap may now give us what the guest takes. If the kernel refuses, frames
+        // still arrive, fully checksummed: slower, still correct.
+        if let Err(e) = self
+            .tap
+            .set_offload(offload::tap_flags(self.acked_features))
+        {
+            warn!("net: {e}; receiving without offloads");
+        }
         self.active = Some(Active {
             mem,
             interrupt,
@@ -427,15 +433,13 @@ impl VirtioDevice for Net {
             .map_err(|e| ActivateError::Backend(Box::new(e)))
     }
 
+    /// Runs on a vCPU thread (the driver writes 0 to the status register), whose seccomp
+    /// filter allows no epoll or tap calls: the tap's interest is dropped by the event
+    /// loop on the next tap event ([`Net::process`]), and its offloads are set again at
+    /// the next activation. Nothing is read from the tap meanwhile.
     fn reset(&mut self) {
         self.active = None;
         self.rx_frame_len = 0;
         self.acked_features = 0;
-        if let Err(e) = self.set_tap_interest(false) {
-            warn!("net: {e}");
-        }
-        if let Err(e) = self.tap.set_offload(0) {
-            warn!("net: {e}");
-        }
     }
 }

@@ -99,6 +99,20 @@ impl Tap {
         Ok(tap)
     }
 
+    /// A second fd on the same tap (same queue): the VM's device takes one while the
+    /// sandbox keeps the tap's owner, whose fd lives as long as the sandbox.
+    pub fn try_clone(&self) -> Result<Self, TapError> {
+        let file = self.file.try_clone().map_err(|source| TapError::Ioctl {
+            name: self.name.clone(),
+            what: "dup",
+            source,
+        })?;
+        Ok(Self {
+            file,
+            name: self.name.clone(),
+        })
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name

@@ -540,7 +540,9 @@ fn nothing_moves_before_activation_or_after_reset() {
     assert!(!f.dev.is_active());
     f.add_rx_buffers(1, BUF_LEN);
     f.sock.send(&frame(MAC, PEER, 1, 60));
-    assert!(!f.tap_source_ready(), "a reset device must not be polled");
+    // The reset ran on a vCPU thread: the event loop hears of the tap once more, takes
+    // nothing from it and stops polling it.
     f.kick(NetEvent::Tap);
     assert!(f.rxq.pop_used().is_none());
+    assert!(!f.tap_source_ready(), "a reset device must not be polled");
 }
