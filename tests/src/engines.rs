@@ -24,8 +24,9 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Starts containerd; `isolation` is the shim's default (`HUSK_ISOLATION`).
-    pub fn start(isolation: &str) -> Containerd {
+    /// Starts containerd; `isolation` is the shim's default (`HUSK_ISOLATION`; None: the
+    /// shim's own default, a microVM).
+    pub fn start(isolation: Option<&str>) -> Containerd {
         let dir = tempfile::Builder::new()
             .prefix("husk-ctrd-")
             .tempdir()
@@ -53,12 +54,17 @@ impl Containerd {
             bin.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = Command::new("containerd")
+        let mut command = Command::new("containerd");
+        command
             .arg("-c")
             .arg(d.join("config.toml"))
             .env("PATH", path)
             .env("HUSK_SHIM_ROOT", d.join("husk"))
-            .env("HUSK_ISOLATION", isolation)
+            .env_remove("HUSK_ISOLATION");
+        if let Some(isolation) = isolation {
+            command.env("HUSK_ISOLATION", isolation);
+        }
+        let child = command
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -105,18 +111,24 @@ impl Containerd {
     /// Pids of shim processes serving this containerd.
     pub fn shims(&self) -> Vec<i32> {
         let sock = self.socket().to_string_lossy().into_owned();
-        let mut pids = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains("containerd-shim-husk-v2") && cmd.contains(&sock) {
-                pids.push(pid);
-            }
-        }
-        pids
+        processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("containerd-shim-husk-v2") && cmd.contains(&sock))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// Other processes working for this containerd's shims: husk's vmm daemons and exec
+    /// relays, virtiofsd (their command lines name files under the private directory).
+    pub fn helpers(&self) -> Vec<(i32, String)> {
+        let d = self.dir.path().to_string_lossy().into_owned();
+        let sock = self.socket().to_string_lossy().into_owned();
+        processes()
+            .into_iter()
+            .filter(|(pid, cmd)| {
+                *pid != self.child.id() as i32 && cmd.contains(&d) && !cmd.contains(&sock)
+            })
+            .collect()
     }
 
     /// What is left: shim processes, mounts under the private dir, husk state entries.
@@ -126,6 +138,11 @@ impl Containerd {
             .iter()
             .map(|p| format!("shim pid {p}"))
             .collect();
+        left.extend(
+            self.helpers()
+                .into_iter()
+                .map(|(pid, cmd)| format!("process {pid}: {cmd}")),
+        );
         let d = self.dir.path().to_string_lossy().into_owned();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         left.extend(
@@ -152,9 +169,27 @@ impl Containerd {
     }
 }
 
+/// (pid, command line) of every process but this one (zombies have an empty one).
+fn processes() -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let mut all = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        all.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+    }
+    all
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
-        for pid in self.shims() {
+        let helpers = self.helpers().into_iter().map(|(pid, _)| pid);
+        for pid in self.shims().into_iter().chain(helpers) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,

@@ -31,7 +31,7 @@ fn wait_stopped(c: &Containerd, id: &str) {
 
 #[test]
 fn ctr_run_prints_and_exit_codes_propagate() {
-    let c = Containerd::start("container");
+    let c = Containerd::start(Some("container"));
     let out = c.ctr(&[
         "run",
         "--rm",
@@ -61,7 +61,7 @@ fn ctr_run_prints_and_exit_codes_propagate() {
 
 #[test]
 fn exec_and_kill_a_detached_task() {
-    let c = Containerd::start("container");
+    let c = Containerd::start(Some("container"));
     let out = c.ctr(&[
         "run",
         "-d",
@@ -101,7 +101,7 @@ fn exec_and_kill_a_detached_task() {
 
 #[test]
 fn a_cri_pod_shares_one_shim() {
-    let c = Containerd::start("container");
+    let c = Containerd::start(Some("container"));
     let pod = |ty: &str| {
         [
             format!("io.kubernetes.cri.container-type={ty}"),

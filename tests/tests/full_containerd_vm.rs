@@ -1,0 +1,177 @@
+//! Full path: a private containerd runs containers in real microVMs through
+//! containerd-shim-husk-v2 (`ctr run --runtime io.containerd.husk.v2`), with the shim's
+//! default isolation (no `HUSK_ISOLATION`: a VM). One containerd, two guest boots, under
+//! the VM lock; each check is a named step. Nothing may be left behind: no shim, vmm
+//! daemon, virtiofsd or exec relay, no mount, no state directory.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_tests::engines::{repo, Containerd, IMAGE};
+
+const RUNTIME: &str = "io.containerd.husk.v2";
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn step(name: &str) {
+    eprintln!("== step: {name}");
+}
+
+/// `ctr` with room for a guest boot (~45 s) and a container (~15 s) on a loaded machine.
+fn ctr(c: &Containerd, args: &[&str]) -> Output {
+    let start = Instant::now();
+    let out = Command::new("timeout")
+        .args(["-k", "5", "600", "ctr", "-a"])
+        .arg(c.socket())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    eprintln!(
+        "   ctr {} -> {:?} in {:.1?}",
+        args.join(" "),
+        out.status.code(),
+        start.elapsed()
+    );
+    out
+}
+
+/// Waits up to 3 minutes for task `id` to be reported stopped (the guest powers off).
+fn wait_stopped(c: &Containerd, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline {
+        let ls = text(&c.ctr(&["task", "ls"]));
+        if ls
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!(
+        "task {id} not stopped 3 min after kill; containerd log:\n{}",
+        c.log()
+    );
+}
+
+/// The release of the guest kernel the VMs boot (its `linux_banner`).
+fn guest_kernel_release() -> String {
+    let vmlinux = std::fs::read(repo().join("target/husk/vmlinux")).expect("target/husk/vmlinux");
+    let marker = b"Linux version ";
+    let at = vmlinux
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("no Linux version banner in the guest kernel");
+    let rest = &vmlinux[at + marker.len()..];
+    let end = rest.iter().position(|&b| b == b' ').unwrap();
+    String::from_utf8_lossy(&rest[..end]).into_owned()
+}
+
+#[test]
+fn ctr_runs_tasks_in_microvms() {
+    husk_tests::vmm::require_kvm();
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap()
+        .trim()
+        .to_string();
+    let guest_release = guest_kernel_release();
+    assert_ne!(
+        host_release, guest_release,
+        "the test needs a guest kernel unlike the host's"
+    );
+    let _lock = husk_tests::vm_lock::hold();
+    let c = Containerd::start(None);
+
+    step("ctr run --rm in a VM: output from the guest kernel, exit code propagates");
+    let out = ctr(
+        &c,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "vm1",
+            "sh",
+            "-c",
+            "echo hi; uname -r; cat /proc/cmdline; exit 7",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(7), "{}\n{}", text(&out), c.log());
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"hi"), "{stdout}");
+    assert_eq!(lines.get(1), Some(&guest_release.as_str()), "{stdout}");
+    assert!(
+        lines
+            .get(2)
+            .is_some_and(|l| l.contains("virtio_mmio.device=")),
+        "not the guest's command line: {stdout}"
+    );
+    step("nothing left after ctr run --rm");
+    c.assert_clean();
+
+    step("ctr run -d: a detached task in a VM");
+    let out = ctr(
+        &c,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "svc",
+            "sleep",
+            "1000",
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
+    let ls = text(&c.ctr(&["task", "ls"]));
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("svc") && l.contains("RUNNING")),
+        "{ls}"
+    );
+
+    step("ctr task exec in the running VM: output, guest kernel, exit code");
+    let out = ctr(
+        &c,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "svc",
+            "sh",
+            "-c",
+            "echo in-exec; uname -r; exit 3",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("in-exec\n{guest_release}\n"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+
+    step("ctr task kill stops the VM task");
+    // sleep is PID 1 of its pid namespace and ignores SIGTERM: SIGKILL stops it.
+    let out = c.ctr(&["task", "kill", "-s", "SIGKILL", "svc"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_stopped(&c, "svc");
+    let out = c.ctr(&["task", "rm", "svc"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = c.ctr(&["container", "rm", "svc"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    step("nothing left after kill and delete");
+    c.assert_clean();
+}
