@@ -5,6 +5,7 @@
 pub mod artifacts;
 pub mod daemon;
 pub mod host;
+pub mod inspect;
 pub mod jailer;
 pub mod net;
 pub mod oci;

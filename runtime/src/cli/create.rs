@@ -49,6 +49,7 @@ impl Args {
                 kernel: g.kernel.clone(),
                 initrd: g.initrd.clone(),
             },
+            seccomp: g.seccomp,
         })
     }
 }

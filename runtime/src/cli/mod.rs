@@ -9,6 +9,7 @@ mod delete;
 mod events;
 mod exec;
 mod features;
+mod inspect;
 mod kill;
 mod list;
 mod log;
@@ -68,6 +69,10 @@ pub struct Global {
     /// Isolation level when the bundle has no io.husk.isolation annotation [default: vm]
     #[arg(long, global = true, env = "HUSK_ISOLATION")]
     pub isolation: Option<Isolation>,
+    /// Development only: the vmm daemon's seccomp filters `kill` (default), `log` calls
+    /// outside the allowlists to the kernel audit log, or `off`. Release builds accept only `kill`.
+    #[arg(long, global = true, default_value = "kill", hide = true)]
+    pub seccomp: husk::seccomp::SeccompMode,
 }
 
 impl Global {
@@ -109,6 +114,8 @@ enum Command {
     Events(events::Args),
     /// Change a container's resource limits.
     Update(update::Args),
+    /// Show what isolates a running container from the host (table, or --format json).
+    Inspect(inspect::Args),
     /// Low-level VMM commands (debugging and benchmarks).
     #[command(subcommand)]
     Vmm(vmm::Command),
@@ -170,6 +177,7 @@ fn dispatch(command: Command, g: &Global) -> anyhow::Result<ExitCode> {
         Command::Resume(args) => resume::run(args, g),
         Command::Events(args) => events::run(args, g),
         Command::Update(args) => update::run(args, g),
+        Command::Inspect(args) => inspect::run(args, g),
         Command::Vmm(cmd) => vmm::run(cmd),
     }
 }

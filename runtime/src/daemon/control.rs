@@ -51,6 +51,12 @@ pub enum ControlRequest {
     Resume,
     /// Kill the container (if it still runs), stop the guest, exit.
     Shutdown,
+    /// The vCPUs' KVM statistics (`husk inspect`).
+    KvmStats,
+    /// Test-only (debug builds): the control thread makes a syscall outside its seccomp
+    /// allowlist (`getcwd`), so a test can watch the filter kill the daemon.
+    #[cfg(debug_assertions)]
+    ForbiddenSyscall,
 }
 
 /// The daemon's answer.
@@ -63,6 +69,10 @@ pub enum ControlResponse {
     WrongStatus { status: Status },
     /// The guest or agent failed.
     Failed { message: String },
+    /// The answer to [`ControlRequest::KvmStats`].
+    KvmStats {
+        vcpus: Vec<crate::inspect::kvm_stats::VcpuStats>,
+    },
 }
 
 /// What the control thread and the main thread share.
@@ -95,9 +105,33 @@ impl Shared {
 
     fn handle(&self, request: ControlRequest) -> ControlResponse {
         use ControlRequest as R;
+        match request {
+            R::KvmStats => {
+                return match crate::inspect::kvm_stats::read_all() {
+                    Ok(vcpus) => ControlResponse::KvmStats { vcpus },
+                    Err(e) => ControlResponse::Failed {
+                        message: e.to_string(),
+                    },
+                }
+            }
+            #[cfg(debug_assertions)]
+            R::ForbiddenSyscall => {
+                log::warn!("test trigger: calling getcwd, which no allowlist has");
+                let mut buf = [0u8; 256];
+                // SAFETY: getcwd writes at most buf.len() bytes into buf.
+                unsafe { libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len()) };
+                return ControlResponse::Failed {
+                    message: "getcwd returned: the seccomp filter is not installed".into(),
+                };
+            }
+            _ => {}
+        }
         let status = self.status();
         let allowed = match request {
             R::State | R::Shutdown => true,
+            R::KvmStats => true,
+            #[cfg(debug_assertions)]
+            R::ForbiddenSyscall => true,
             R::Start => status == Status::Created,
             R::Kill { .. } => matches!(status, Status::Created | Status::Running | Status::Paused),
             R::Pause => status == Status::Running,
@@ -116,6 +150,9 @@ impl Shared {
             R::Kill { signal } => self.signal(signal).map(|()| self.status()),
             R::Pause => self.with_guest(|g| g.pause(), Status::Paused),
             R::Resume => self.with_guest(|g| g.resume(), Status::Running),
+            R::KvmStats => Ok(status),
+            #[cfg(debug_assertions)]
+            R::ForbiddenSyscall => Ok(status),
             R::Shutdown => {
                 if status != Status::Stopped {
                     if status == Status::Paused {

@@ -99,6 +99,12 @@ fn spawn(
     thread::Builder::new()
         .name(format!("husk-relay-{name}"))
         .spawn(move || {
+            // Relays copy between fds the daemon already holds: the control allowlist.
+            if let Err(e) = crate::seccomp::install_configured(crate::seccomp::ThreadKind::Control)
+            {
+                log::error!("{e}; the {name} relay does not run");
+                return;
+            }
             body();
             if let Some(done) = done {
                 let _ = done.send(name);

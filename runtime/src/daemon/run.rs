@@ -115,6 +115,10 @@ fn remove_guest_net(layout: &Layout) {
 /// made is undone here: the guest is stopped, the share unmounted.
 fn start(config: &DaemonConfig) -> Result<Running, DaemonError> {
     let layout = config.layout();
+    // Before any thread of the VMM exists: each one installs its filter as it starts.
+    if let GuestKind::Vm { .. } = config.guest {
+        seccomp::confine_process(seccomp_mode(config));
+    }
     let run_dir = layout.run_dir();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -191,8 +195,10 @@ fn start(config: &DaemonConfig) -> Result<Running, DaemonError> {
         connector,
         guest: Mutex::new(guest),
     });
-    let mode = seccomp_mode(config);
-    spawn_control(listener, shared.clone(), mode)?;
+    spawn_control(listener, shared.clone())?;
+    // The main thread from here on only waits for the container and shuts the guest
+    // down: the control allowlist covers that (agent calls, joins).
+    seccomp::install_configured(ThreadKind::Control)?;
     Ok(Running {
         layout,
         shared,
@@ -213,17 +219,14 @@ fn seccomp_mode(config: &DaemonConfig) -> SeccompMode {
 fn spawn_control(
     listener: std::os::unix::net::UnixListener,
     shared: Arc<Shared>,
-    mode: SeccompMode,
 ) -> Result<(), DaemonError> {
     std::thread::Builder::new()
         .name("husk-control".into())
         .spawn(move || {
-            if mode != SeccompMode::Off {
-                if let Err(e) = seccomp::install(ThreadKind::Control, mode) {
-                    // Serving without the filter would be a silent downgrade.
-                    log::error!("{e}; the control socket is not served");
-                    return;
-                }
+            if let Err(e) = seccomp::install_configured(ThreadKind::Control) {
+                // Serving without the filter would be a silent downgrade.
+                log::error!("{e}; the control socket is not served");
+                return;
             }
             control::serve(listener, shared)
         })
@@ -256,9 +259,14 @@ impl Running {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .stop();
-        let _ = std::fs::remove_file(self.layout.control_socket());
-        if let Err(e) = share::remove(&self.layout.share_dir(), &self.layout.rootfs_mount()) {
-            log::warn!("{e}");
+        // A confined daemon may not unlink or unmount (no rule allows it): `husk delete`
+        // removes the socket and the share mount, as it does after a crashed daemon.
+        if matches!(seccomp::process_mode(), None | Some(SeccompMode::Off)) {
+            let _ = std::fs::remove_file(self.layout.control_socket());
+            remove_guest_net(&self.layout);
+            if let Err(e) = share::remove(&self.layout.share_dir(), &self.layout.rootfs_mount()) {
+                log::warn!("{e}");
+            }
         }
         code
     }

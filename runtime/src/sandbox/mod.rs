@@ -41,6 +41,8 @@ pub struct CreateOptions {
     /// Guest kernel and initramfs for `--isolation vm` (`--kernel`/`--initrd`); unset ones
     /// are found by `artifacts::locate` (environment, build output, system install).
     pub guest_artifacts: GuestArtifacts,
+    /// The vmm daemon's seccomp mode (`--seccomp`; `log`/`off` in debug builds only).
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// Explicit guest kernel and initramfs paths.

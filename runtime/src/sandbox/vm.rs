@@ -181,6 +181,11 @@ impl VmSandbox {
             Ok(ControlResponse::Ok { status }) => Ok(status),
             Ok(ControlResponse::WrongStatus { status }) => Err(wrong_status(entry, status, op)),
             Ok(ControlResponse::Failed { message }) => Err(backend_err(entry.id(), op, message)),
+            Ok(other) => Err(backend_err(
+                entry.id(),
+                op,
+                format!("unexpected answer {other:?}"),
+            )),
             Err(e) => Err(backend_err(entry.id(), op, e)),
         }
     }
@@ -267,7 +272,7 @@ impl Sandbox for VmSandbox {
             console_socket: opts.console_socket.clone(),
             guest: guest_kind(id, &opts.guest_artifacts)?,
             jail: false,
-            seccomp: std::env::var("HUSK_SECCOMP").unwrap_or_else(|_| "kill".into()),
+            seccomp: opts.seccomp.to_string(),
         };
         let layout = config.layout();
         config.write().map_err(|e| backend_err(id, "create", e))?;

@@ -16,6 +16,7 @@ mod tests;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 pub use filters::{bpf, rule_count, syscalls};
 
@@ -138,4 +139,29 @@ pub fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> 
         syscalls(kind).len()
     );
     Ok(())
+}
+
+/// The daemon's policy, set once before its first thread starts (see [`confine_process`]).
+static PROCESS_MODE: OnceLock<SeccompMode> = OnceLock::new();
+
+/// Makes every later [`install_configured`] call install its filter in `mode`. The vmm
+/// daemon calls it first thing, so the VMM's threads (started deep inside `vmm::`) need
+/// no mode passed through every constructor; processes that never call it (`husk vmm
+/// boot`, the tests of the VMM core) run unfiltered. A second call keeps the first mode.
+pub fn confine_process(mode: SeccompMode) {
+    let _ = PROCESS_MODE.set(mode);
+}
+
+/// The mode set by [`confine_process`], if any.
+pub fn process_mode() -> Option<SeccompMode> {
+    PROCESS_MODE.get().copied()
+}
+
+/// Installs `kind`'s filter on the calling thread when the process is confined
+/// ([`confine_process`]); a no-op otherwise. Called at the top of each VMM thread.
+pub fn install_configured(kind: ThreadKind) -> Result<(), SeccompError> {
+    match process_mode() {
+        Some(mode) => install(kind, mode),
+        None => Ok(()),
+    }
 }

@@ -276,3 +276,43 @@ fn socket_is_allowed_for_unix_only_on_the_event_loop_and_control_threads() {
     );
     assert_eq!(end.signal(), Some(libc::SIGSYS));
 }
+
+#[test]
+fn install_configured_does_nothing_in_a_process_that_was_not_confined() {
+    // Unit tests never call confine_process (it is process-wide: the VMM threads of
+    // other tests would pick it up), so this thread must stay unfiltered.
+    assert_eq!(super::process_mode(), None);
+    super::install_configured(ThreadKind::Vcpu).unwrap();
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    assert!(status.contains("Seccomp:\t0"), "{status}");
+}
+
+#[test]
+fn each_thread_kind_keeps_its_own_boundaries() {
+    let has = |kind: ThreadKind, name: &str| syscalls(kind).iter().any(|s| s == name);
+    // Only the event loop and control threads reach host sockets by name.
+    for call in ["socket", "connect", "accept4"] {
+        assert!(!has(ThreadKind::Vcpu, call), "vcpu allows {call}");
+        assert!(
+            has(ThreadKind::EventLoop, call) && has(ThreadKind::Control, call),
+            "{call}"
+        );
+    }
+    // Only the event loop tears the VM down (virtiofsd) and may signal vCPU threads.
+    for call in ["wait4", "kill", "tgkill", "unlink"] {
+        assert!(has(ThreadKind::EventLoop, call), "event_loop lacks {call}");
+        assert!(
+            !has(ThreadKind::Vcpu, call) && !has(ThreadKind::Control, call),
+            "{call}"
+        );
+    }
+    // Only the control thread reads the KVM stats fds.
+    assert!(has(ThreadKind::Control, "pread64") && !has(ThreadKind::Vcpu, "pread64"));
+    for kind in ThreadKind::ALL {
+        for call in [
+            "execve", "execveat", "openat", "open", "mount", "ptrace", "bpf", "fork", "vfork",
+        ] {
+            assert!(!has(kind, call), "{kind} allows {call}");
+        }
+    }
+}

@@ -15,6 +15,8 @@ pub enum EventLoopError {
     Add { fd: RawFd, source: std::io::Error },
     /// waiting for events failed: {0}
     Wait(std::io::Error),
+    /// {0}; the VM does not run unconfined
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Which fds are watched, each with a caller-chosen token.

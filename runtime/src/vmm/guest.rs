@@ -218,7 +218,13 @@ impl GuestVm {
         let thread = std::thread::Builder::new()
             .name("husk-vmm".into())
             .spawn(move || {
-                let result = vm.wait(opts);
+                // This thread runs the event loop; the vCPU threads filtered themselves.
+                let result =
+                    match crate::seccomp::install_configured(crate::seccomp::ThreadKind::EventLoop)
+                    {
+                        Ok(()) => vm.wait(opts),
+                        Err(e) => Err(RunError::EventLoop(e.into())),
+                    };
                 // Drop the VM (and with it the vsock streams and virtiofsd) before
                 // reporting, so whoever sees the result sees the host ends closed.
                 drop(vm);

@@ -213,6 +213,27 @@ impl Vcpu {
         states: Sender<VcpuState>,
         saved: SavedState,
     ) {
+        // The daemon serves this vCPU's KVM statistics (`husk inspect`) from its control
+        // thread; the fd must be opened before the filter, which allows no such ioctl.
+        if crate::seccomp::process_mode().is_some() {
+            crate::inspect::kvm_stats::register_vcpu(self.index, &self.fd);
+        }
+        // Before the first KVM_RUN: the guest never runs on an unfiltered vCPU thread.
+        if let Err(e) = crate::seccomp::install_configured(crate::seccomp::ThreadKind::Vcpu) {
+            log::error!("{e}; vCPU {} does not run", self.index);
+            let _ = self.stops.send(VcpuStopReport {
+                index: self.index,
+                reason: VcpuStop::Unexpected(e.to_string()),
+            });
+            let _ = self.stop_evt.write(1);
+            while let Ok(cmd) = commands.recv() {
+                let _ = states.send(VcpuState::Stopped);
+                if cmd == VcpuCommand::Stop {
+                    break;
+                }
+            }
+            return;
+        }
         let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
         loop {

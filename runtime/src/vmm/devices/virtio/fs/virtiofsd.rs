@@ -317,7 +317,12 @@ impl Virtiofsd {
 
     fn kill_and_reap(&mut self) {
         let pid = self.child.id() as libc::pid_t;
-        if self.try_exit_status().is_none() {
+        // A confined VMM may not open /proc (its seccomp filters allow no open): it
+        // kills the whole process group below instead, and the orphaned worker is reaped
+        // by the daemon's reaper or init.
+        let confined = crate::seccomp::process_mode()
+            .is_some_and(|mode| mode != crate::seccomp::SeccompMode::Off);
+        if !confined && self.try_exit_status().is_none() {
             // Kill the sandboxed worker first, so that the process we started (which waits
             // for it) reaps it and exits, rather than leaving it to init. The worker is the
             // init of its own pid namespace: only SIGKILL from outside is sure to reach it.
