@@ -14,12 +14,14 @@ use std::time::Duration;
 
 use husk_protocol::messages::{ProcessRef, StdioPorts, StdioRequest};
 use husk_protocol::{AgentError, ExitStatus, Response};
+use husk_workload::CleanSignalsExecutor;
+use libcgroups::common::CgroupManager;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::unistd::Pid;
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 
 use crate::console::{resize, start_pty_relay, ConsoleSocket};
 use crate::ports::PortAllocator;
@@ -220,6 +222,7 @@ impl Agent {
         let prepared = self.prepare_stdio(terminal, stdio, id)?;
         let guard = self.reaper.spawn_guard();
         let (container, finish) = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+            .with_executor(CleanSignalsExecutor)
             .validate_id()
             .and_then(|b| b.with_root_path(&self.state_root))
             .and_then(|b| {
@@ -314,6 +317,7 @@ impl Agent {
         let prepared = self.prepare_stdio(terminal, stdio, &format!("{container_id}-{exec_id}"))?;
         let guard = self.reaper.spawn_guard();
         let built = ContainerBuilder::new(container_id.to_owned(), SyscallType::default())
+            .with_executor(CleanSignalsExecutor)
             .with_root_path(&self.state_root)
             .and_then(|b| {
                 let (b, finish) = prepared.attach(b);
@@ -408,24 +412,72 @@ impl Agent {
         })
     }
 
-    pub fn stats(&self, id: &str) -> AgentResult<Response> {
+    /// The libcgroups manager of the container's cgroup in the guest.
+    fn cgroup_manager(&self, id: &str) -> AgentResult<libcgroups::common::AnyCgroupManager> {
         let cgroup_path = self.with_container(id, |entry| {
             Ok(entry.container.spec().map_err(runtime_error)?.cgroup_path)
         })?;
-        let manager = libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
+        libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
             cgroup_path,
             systemd_cgroup: false,
             container_name: id.to_owned(),
         })
-        .map_err(|e| AgentError::Runtime { message: chain(&e) })?;
-        use libcgroups::common::CgroupManager;
-        let stats = manager
+        .map_err(|e| AgentError::Runtime { message: chain(&e) })
+    }
+
+    pub fn stats(&self, id: &str) -> AgentResult<Response> {
+        let stats = self
+            .cgroup_manager(id)?
             .stats()
             .map_err(|e| AgentError::Runtime { message: chain(&e) })?;
         let stats = serde_json::to_value(stats).map_err(|e| AgentError::Internal {
             message: e.to_string(),
         })?;
         Ok(Response::Stats { stats })
+    }
+
+    /// Every process in the container's cgroup (its init, its children, its execs).
+    fn cgroup_pids(&self, id: &str) -> AgentResult<Vec<Pid>> {
+        self.cgroup_manager(id)?
+            .get_all_pids()
+            .map_err(|e| AgentError::Runtime { message: chain(&e) })
+    }
+
+    pub fn list_processes(&self, id: &str) -> AgentResult<Response> {
+        let mut pids: Vec<i32> = self.cgroup_pids(id)?.iter().map(|p| p.as_raw()).collect();
+        pids.sort_unstable();
+        Ok(Response::Processes { pids })
+    }
+
+    /// `kill --all`: the signal goes to each process of the cgroup. A process that ends
+    /// meanwhile is no error; one forked meanwhile may be missed, as with runc's
+    /// unfrozen `kill --all`.
+    pub fn signal_container(&self, id: &str, signal: i32) -> AgentResult<Response> {
+        let sig =
+            nix::sys::signal::Signal::try_from(signal).map_err(|_| AgentError::InvalidRequest {
+                reason: format!("{signal} is not a signal number"),
+            })?;
+        for pid in self.cgroup_pids(id)? {
+            match nix::sys::signal::kill(pid, sig) {
+                Ok(()) | Err(nix::Error::ESRCH) => {}
+                Err(e) => return Err(io_error(format!("sending signal {signal} to pid {pid}"), e)),
+            }
+        }
+        Ok(Response::Done)
+    }
+
+    /// `update`: new cgroup limits for a running container.
+    pub fn update_container(&self, id: &str, resources: &LinuxResources) -> AgentResult<Response> {
+        let options = libcgroups::common::ControllerOpt {
+            resources,
+            disable_oom_killer: false,
+            oom_score_adj: None,
+            freezer_state: None,
+        };
+        self.cgroup_manager(id)?
+            .apply(&options)
+            .map_err(|e| AgentError::Runtime { message: chain(&e) })?;
+        Ok(Response::Done)
     }
 
     pub fn delete_container(&self, id: &str, force: bool) -> AgentResult<Response> {

@@ -132,6 +132,15 @@ fn dispatch(agent: &Agent, request: Request) -> Result<Response, AgentError> {
             cols,
         } => agent.resize_pty(&process, rows, cols),
         Request::Stats { container_id } => agent.stats(&container_id),
+        Request::ListProcesses { container_id } => agent.list_processes(&container_id),
+        Request::SignalContainer {
+            container_id,
+            signal,
+        } => agent.signal_container(&container_id, signal),
+        Request::UpdateContainer {
+            container_id,
+            resources,
+        } => agent.update_container(&container_id, &resources),
         Request::DeleteContainer { id, force } => agent.delete_container(&id, force),
         Request::Shutdown => {
             agent.delete_all();

@@ -449,3 +449,94 @@ fn stats_report_the_container_cgroup() {
     let pids = stats["pids"]["current"].as_u64();
     assert_eq!(pids, Some(1), "one process (sleep) in the cgroup: {stats}");
 }
+
+#[test]
+fn processes_are_listed_signalled_all_and_limited_by_update() {
+    let agent = HostAgent::start();
+    let id = unique_id("all");
+    // The init (sleep) is PID 1 of the container's pid namespace and has no USR1
+    // handler, so USR1 does not reach it; --all must still reach the two exec'd sleeps,
+    // which USR1 ends.
+    let init_pid = agent.run(&id, &["sleep", "1000"], false).pid;
+    for exec_id in ["e1", "e2"] {
+        agent
+            .client()
+            .exec_process(
+                &id,
+                exec_id,
+                process(&["sleep", "1000"]),
+                StdioRequest { stdin: false },
+            )
+            .unwrap();
+    }
+    let mut client = agent.client();
+    let pids = client.list_processes(&id).unwrap();
+    assert_eq!(pids.len(), 3, "the init and two execs: {pids:?}");
+    assert!(
+        pids.contains(&init_pid),
+        "{pids:?} lacks the init {init_pid}"
+    );
+    assert!(pids.windows(2).all(|w| w[0] < w[1]), "sorted: {pids:?}");
+
+    // update: the new pids limit reaches the container's cgroup.
+    let mut resources = oci_spec::runtime::LinuxResources::default();
+    resources.set_pids(Some(
+        oci_spec::runtime::LinuxPidsBuilder::default()
+            .limit(42)
+            .build()
+            .unwrap(),
+    ));
+    client.update_container(&id, resources).unwrap();
+    let stats = client.stats(&id).unwrap();
+    assert_eq!(stats["pids"]["limit"].as_u64(), Some(42), "{stats}");
+
+    // kill --all with USR1: the execs die, the init stays.
+    client.signal_container(&id, libc::SIGUSR1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = client.list_processes(&id).unwrap();
+        if left == [init_pid] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only the init should survive USR1 to all: {left:?} of {pids:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    match client.signal_container(&id, 12345) {
+        Err(ClientError::Agent(AgentError::InvalidRequest { .. })) => {}
+        other => panic!("a bad signal number must be refused, got {other:?}"),
+    }
+    match client.list_processes("ghost") {
+        Err(ClientError::Agent(AgentError::ContainerNotFound { .. })) => {}
+        other => panic!("an unknown container must be named, got {other:?}"),
+    }
+}
+
+/// The agent (a Rust program) ignores SIGPIPE, and whoever started it may ignore or block
+/// more; the workload must start clean, as under runc.
+#[test]
+fn the_workload_starts_with_default_signal_dispositions() {
+    let agent = HostAgent::start();
+    let id = unique_id("signals");
+    // grep itself, not through a shell: busybox sh ignores SIGQUIT on its own.
+    let spawned = agent.run(
+        &id,
+        &["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"],
+        false,
+    );
+    let out = String::from_utf8(read_all(agent.connect(spawned.stdio.stdout))).unwrap();
+    // Signals 1..=31; the C library's own real-time signals (32, 33) cannot be reset.
+    let standard = (1u64 << 31) - 1;
+    for line in out.lines() {
+        let (name, mask) = line.split_once(':').unwrap();
+        let mask = u64::from_str_radix(mask.trim(), 16).unwrap();
+        assert_eq!(mask & standard, 0, "{name} in the workload: {out}");
+    }
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(
+        agent.client().wait_process(init(&id)).unwrap(),
+        ExitStatus::Exited(0)
+    );
+}

@@ -216,10 +216,20 @@ fn lifecycle_exec_kill_delete_in_the_docker_call_sequence() {
         "the exec's host process {epid} is gone"
     );
 
+    // ps: the guest pids of the container's cgroup (the init and the detached exec).
+    let out = h.must(&["ps", "--format", "json", id], CALL_TIMEOUT);
+    let guest_pids: Vec<i64> = serde_json::from_str(&out.stdout).unwrap();
+    assert!(guest_pids.len() >= 2, "init and the exec: {out:?}");
+
     // pause/resume hold and release the VM's vCPUs; the status follows, as with runc.
     h.must(&argv(&docker(&["pause", id])), CALL_TIMEOUT);
     let st = h.state(id, CALL_TIMEOUT);
     assert_eq!(st["status"], "paused", "{st}");
+    let out = h.run_for(&["ps", id], CALL_TIMEOUT);
+    assert!(
+        out.code != Some(0) && out.stderr.contains("paused"),
+        "the agent of a paused VM cannot answer ps; the error says so: {out:?}"
+    );
     assert!(
         h.run_for(&["exec", id, "true"], CALL_TIMEOUT).code != Some(0),
         "exec into a paused container must fail"

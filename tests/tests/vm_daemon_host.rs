@@ -232,3 +232,59 @@ fn bad_input_leaves_nothing() {
     );
     h.assert_nothing_left();
 }
+
+#[test]
+fn ps_update_stats_and_kill_all_reach_the_guest_container() {
+    let mut h = Husk::new(Guest::HostAgent);
+    // `sh -c "sleep 100"` execs sleep: the init is a sleep, PID 1 of its namespace with
+    // no USR1 handler, so USR1 to all ends only the two exec'd sleeps.
+    let b = bundle("sleep 100");
+    let bp = b.path().to_str().unwrap().to_string();
+    h.must(&["create", "--bundle", &bp, "p1"], T);
+    h.must(&["start", "p1"], T);
+    h.wait_status("p1", "running", Duration::from_secs(20));
+    for _ in 0..2 {
+        h.must(&["exec", "--detach", "p1", "sleep", "100"], T);
+    }
+    let ps = |h: &mut Husk| -> Vec<i64> {
+        let out = h.must(&["ps", "--format", "json", "p1"], T);
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("ps: {e}: {out:?}"))
+    };
+    let start = Instant::now();
+    let pids = loop {
+        let pids = ps(&mut h);
+        if pids.len() == 3 || start.elapsed() > Duration::from_secs(10) {
+            break pids;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(pids.len(), 3, "init and two execs: {pids:?}");
+
+    h.must(&["update", "--pids-limit", "42", "p1"], T);
+    let out = h.must(&["events", "--stats", "p1"], T);
+    let event: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(event["data"]["pids"]["limit"], 42, "{event}");
+    assert_eq!(event["data"]["pids"]["current"], 3, "{event}");
+
+    h.must(&["kill", "--all", "p1", "USR1"], T);
+    let start = Instant::now();
+    while ps(&mut h).len() != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "USR1 to all must end the execs, not the init: {:?}",
+            ps(&mut h)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(h.state("p1", T)["status"], "running");
+
+    h.must(&["kill", "p1", "KILL"], T);
+    h.wait_status("p1", "stopped", Duration::from_secs(20));
+    assert_eq!(
+        ps(&mut h),
+        Vec::<i64>::new(),
+        "a stopped container has no processes"
+    );
+    h.must(&["delete", "p1"], T);
+    h.assert_nothing_left();
+}

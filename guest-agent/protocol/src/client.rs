@@ -179,6 +179,37 @@ impl<S: Read + Write> AgentClient<S> {
         }
     }
 
+    /// The guest pids of the container's processes, sorted.
+    pub fn list_processes(&mut self, container_id: &str) -> Result<Vec<i32>, ClientError> {
+        let request = Request::ListProcesses {
+            container_id: container_id.to_owned(),
+        };
+        match self.call(&request)? {
+            Response::Processes { pids } => Ok(pids),
+            other => Err(unexpected(&request, other)),
+        }
+    }
+
+    /// Sends `signal` to every process of the container.
+    pub fn signal_container(&mut self, container_id: &str, signal: i32) -> Result<(), ClientError> {
+        self.expect_done(&Request::SignalContainer {
+            container_id: container_id.to_owned(),
+            signal,
+        })
+    }
+
+    /// Applies new cgroup limits to the container.
+    pub fn update_container(
+        &mut self,
+        container_id: &str,
+        resources: oci_spec::runtime::LinuxResources,
+    ) -> Result<(), ClientError> {
+        self.expect_done(&Request::UpdateContainer {
+            container_id: container_id.to_owned(),
+            resources: Box::new(resources),
+        })
+    }
+
     pub fn delete_container(&mut self, id: &str, force: bool) -> Result<(), ClientError> {
         self.expect_done(&Request::DeleteContainer {
             id: id.to_owned(),

@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AgentError;
@@ -163,6 +163,20 @@ pub enum Request {
         mountpoint: PathBuf,
         readonly: bool,
     },
+    /// The pids (in the guest's pid namespace) of every process in a container's cgroup.
+    ListProcesses {
+        container_id: String,
+    },
+    /// Sends `signal` to every process of a container (`kill --all`), not just its init.
+    SignalContainer {
+        container_id: String,
+        signal: i32,
+    },
+    /// Applies new cgroup limits to a running container (`update`).
+    UpdateContainer {
+        container_id: String,
+        resources: Box<LinuxResources>,
+    },
 }
 
 /// The agent's answer to one [`Request`].
@@ -182,6 +196,10 @@ pub enum Response {
     Done,
     Exited {
         status: ExitStatus,
+    },
+    /// Answer to `ListProcesses`, sorted.
+    Processes {
+        pids: Vec<i32>,
     },
     /// libcgroups' statistics of the container's cgroup, as JSON.
     Stats {
@@ -209,6 +227,9 @@ impl Request {
             Request::Shutdown => "shutdown",
             Request::ConfigureNetwork { .. } => "configure_network",
             Request::MountShare { .. } => "mount_share",
+            Request::ListProcesses { .. } => "list_processes",
+            Request::SignalContainer { .. } => "signal_container",
+            Request::UpdateContainer { .. } => "update_container",
         }
     }
 }

@@ -1,4 +1,6 @@
-//! `husk ps ID [--format table|json]`: the host pids of a container's processes.
+//! `husk ps ID [--format table|json]`: the pids of a container's processes: host pids with
+//! `--isolation container`, the guest's pids (read by the agent from the container's
+//! cgroup) with `--isolation vm`.
 
 use std::process::ExitCode;
 

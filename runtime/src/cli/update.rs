@@ -1,5 +1,6 @@
 //! `husk update [-r FILE] [--memory N] [--pids-limit N] [--cpu-*] ID`: change resource
-//! limits of a container's cgroup (container isolation: cgroupfs).
+//! limits of a container's cgroup (container isolation: on the host; vm isolation: the
+//! container's cgroup in the guest, through the agent; the VM's size is fixed at boot).
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -46,6 +46,9 @@ pub enum ControlRequest {
     Start,
     Kill {
         signal: i32,
+        /// Every process of the container (`kill --all`), not only its init.
+        #[serde(default)]
+        all: bool,
     },
     Pause,
     Resume,
@@ -146,8 +149,8 @@ impl Shared {
                 .agent()
                 .and_then(|mut a| a.start_container(&self.id).map_err(|e| e.to_string()))
                 .map(|()| self.transition(Status::Created, Status::Running)),
-            R::Kill { signal } if status == Status::Paused => self.kill_paused(signal),
-            R::Kill { signal } => self.signal(signal).map(|()| self.status()),
+            R::Kill { signal, all } if status == Status::Paused => self.kill_paused(signal, all),
+            R::Kill { signal, all } => self.signal(signal, all).map(|()| self.status()),
             R::Pause => self.with_guest(|g| g.pause(), Status::Paused),
             R::Resume => self.with_guest(|g| g.resume(), Status::Running),
             R::KvmStats => Ok(status),
@@ -159,7 +162,7 @@ impl Shared {
                         let _ = self.with_guest(|g| g.resume(), Status::Running);
                     }
                     // The main thread's WaitProcess returns and it shuts the guest down.
-                    let _ = self.signal(libc::SIGKILL);
+                    let _ = self.signal(libc::SIGKILL, false);
                 }
                 Ok(self.status())
             }
@@ -170,19 +173,23 @@ impl Shared {
         }
     }
 
-    fn signal(&self, signal: i32) -> Result<(), String> {
+    fn signal(&self, signal: i32, all: bool) -> Result<(), String> {
         self.agent().and_then(|mut a| {
-            a.signal_process(self.init(), signal)
-                .map_err(|e| e.to_string())
+            if all {
+                a.signal_container(&self.id, signal)
+            } else {
+                a.signal_process(self.init(), signal)
+            }
+            .map_err(|e| e.to_string())
         })
     }
 
     /// The agent of a paused guest cannot answer, so the guest is resumed for the
     /// signal. As with runc's frozen containers, SIGKILL ends the container at once; any
     /// other signal waits for `resume` (the guest is paused again).
-    fn kill_paused(&self, signal: i32) -> Result<Status, String> {
+    fn kill_paused(&self, signal: i32, all: bool) -> Result<Status, String> {
         self.with_guest(|g| g.resume(), Status::Running)?;
-        let sent = self.signal(signal);
+        let sent = self.signal(signal, all);
         if signal != libc::SIGKILL {
             let mut guest = self.guest.lock().unwrap_or_else(|e| e.into_inner());
             // Not if the container ended meanwhile: the main thread stops the guest.

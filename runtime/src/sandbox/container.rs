@@ -127,7 +127,10 @@ impl ContainerSandbox {
         stdio: &Stdio,
         op: &'static str,
     ) -> Result<ContainerBuilder, SandboxError> {
+        // The workload starts with default signal dispositions, not husk's (see
+        // husk_workload).
         let mut builder = ContainerBuilder::new(entry.id().to_string(), SyscallType::default())
+            .with_executor(husk_workload::CleanSignalsExecutor)
             .with_root_path(root(entry))
             .map_err(map_err(entry.id(), op))?
             .with_console_socket(console_socket)

@@ -190,6 +190,26 @@ impl VmSandbox {
         }
     }
 
+    /// A control connection straight to the sandbox's agent, for the requests the
+    /// daemon has no part in (`ps`, `update`, `events --stats`). A paused guest cannot
+    /// answer, so those are refused while paused.
+    fn agent(
+        &self,
+        entry: &Entry,
+        op: &'static str,
+    ) -> Result<husk_protocol::client::AgentClient, SandboxError> {
+        let Some(layout) = daemon(entry)?.1 else {
+            return Err(wrong_status(entry, Status::Stopped, op));
+        };
+        if self.status(entry)?.0 == Status::Paused {
+            return Err(wrong_status(entry, Status::Paused, op));
+        }
+        let address = exec::guest_address(&layout.guest_file())
+            .map_err(|e| backend_err(entry.id(), op, e))?;
+        husk_protocol::client::AgentClient::connect(&*address.connector())
+            .map_err(|e| backend_err(entry.id(), op, e))
+    }
+
     /// Asks the daemon to stop everything and waits for it to exit (killing it late).
     fn stop_daemon(&self, entry: &Entry, pid: ProcessId, layout: &Layout) {
         if let Err(e) = control::call(&layout.control_socket(), ControlRequest::Shutdown) {
@@ -315,10 +335,9 @@ impl Sandbox for VmSandbox {
         }
     }
 
-    fn kill(&self, entry: &Entry, signal: i32, _all: bool) -> Result<(), SandboxError> {
-        // `--all`: the init is PID 1 of the container's pid namespace in the guest, so a
-        // fatal signal to it ends all of them; a non-fatal one reaches the init only.
-        self.call(entry, "kill", ControlRequest::Kill { signal })
+    fn kill(&self, entry: &Entry, signal: i32, all: bool) -> Result<(), SandboxError> {
+        // `--all`: the agent signals every process of the container's cgroup in the guest.
+        self.call(entry, "kill", ControlRequest::Kill { signal, all })
             .map(drop)
     }
 
@@ -405,10 +424,14 @@ impl Sandbox for VmSandbox {
     }
 
     fn pids(&self, entry: &Entry) -> Result<Vec<i32>, SandboxError> {
-        // The container's processes live in the guest and have no host pids; the
-        // daemon is the one host process that stands for them.
-        let (pid, _) = daemon(entry)?;
-        Ok(pid.map(|p| vec![p.pid]).unwrap_or_default())
+        // The container's processes live in the guest: these are their pids there (as
+        // Kata reports them), read from the container's cgroup by the agent.
+        if self.status(entry)?.0 == Status::Stopped {
+            return Ok(Vec::new());
+        }
+        self.agent(entry, "ps")?
+            .list_processes(entry.id())
+            .map_err(|e| backend_err(entry.id(), "ps", e))
     }
 
     fn pause(&self, entry: &Entry) -> Result<(), SandboxError> {
@@ -420,21 +443,21 @@ impl Sandbox for VmSandbox {
     }
 
     fn stats(&self, entry: &Entry) -> Result<serde_json::Value, SandboxError> {
-        let Some(layout) = daemon(entry)?.1 else {
-            return Err(wrong_status(entry, Status::Stopped, "events"));
-        };
-        let address = exec::guest_address(&layout.guest_file())
-            .map_err(|e| backend_err(entry.id(), "events", e))?;
-        husk_protocol::client::AgentClient::connect(&*address.connector())
-            .and_then(|mut a| a.stats(entry.id()))
+        self.agent(entry, "events")?
+            .stats(entry.id())
             .map_err(|e| backend_err(entry.id(), "events", e))
     }
 
-    fn update(&self, entry: &Entry, _resources: &LinuxResources) -> Result<(), SandboxError> {
-        Err(SandboxError::Unsupported(format!(
-            "container {}: update is not done yet for --isolation vm",
-            entry.id()
-        )))
+    fn update(&self, entry: &Entry, resources: &LinuxResources) -> Result<(), SandboxError> {
+        // The limits apply to the container's cgroup inside the guest; the VM's own size
+        // (memory, vCPUs) is fixed at boot.
+        let (status, _) = self.status(entry)?;
+        if !matches!(status, Status::Created | Status::Running) {
+            return Err(wrong_status(entry, status, "update"));
+        }
+        self.agent(entry, "update")?
+            .update_container(entry.id(), resources.clone())
+            .map_err(|e| backend_err(entry.id(), "update", e))
     }
 }
 
