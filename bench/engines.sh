@@ -5,11 +5,20 @@
 # dockerd; husk as a runc-compatible runtime, `--add-runtime husk=target/debug/husk`).
 # husk runs with HUSK_ISOLATION (default container) in both.
 #
-# Usage: bench/engines.sh RUNS
+# Then the husk-vm row: `ctr run --rm` of `true` in a microVM (the shim with the
+# annotation io.husk.isolation=vm), VM_RUNS times (default 1: each boots a guest, ~1 min
+# on PVM hosts), each under the VM lock $HUSK_VM_LOCK (taken per run, so the lock wait is
+# not timed; not taken again when bench/run.sh holds it: BENCH_LOCKED).
+# And a probe of `docker run --runtime io.containerd.husk.v2` (Docker driving the shim
+# directly): measured if this dockerd accepts shim v2 runtime names (Moby >= 23),
+# otherwise an n/a row with dockerd's answer.
+#
+# Usage: bench/engines.sh RUNS [VM_RUNS]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 runs=$1
+vm_runs=${2:-1}
 isolation=${HUSK_ISOLATION:-container}
 image=docker.io/library/husk-busybox:latest
 tar=$BENCH_REPO/target/husk/busybox-oci.tar
@@ -67,7 +76,9 @@ fi
 # dockerd (it starts its own containerd), husk added as a runtime.
 docker_ok=
 if command -v dockerd >/dev/null && [ -f "$tar" ]; then
-    HUSK_ISOLATION=$isolation dockerd --data-root "$work/docker" --exec-root "$work/dexec" \
+    # The shim first on PATH too: dockerd's containerd looks up shim v2 runtimes there.
+    PATH="$work/bin:$PATH" HUSK_SHIM_ROOT="$work/husk-shim-docker" HUSK_ISOLATION=$isolation \
+        dockerd --data-root "$work/docker" --exec-root "$work/dexec" \
         --pidfile "$work/docker.pid" -H "unix://$work/docker.sock" --iptables=false --bridge=none \
         --add-runtime "husk=$HUSK_BIN" >"$work/dockerd.log" 2>&1 &
     dockerd_pid=$!
@@ -96,6 +107,34 @@ for round in $(seq 0 "$runs"); do  # round 0: warm-up, not recorded
     if [ "$round" = 0 ]; then for k in "${!res[@]}"; do res[$k]=; done; fi
 done
 
+# husk-vm through the shim: one guest at a time on this machine.
+if [ -n "$ctr_ok" ]; then
+    lock_fd=
+    if [ -z "${BENCH_LOCKED:-}" ]; then exec {lock_fd}>>"$HUSK_VM_LOCK"; fi
+    for i in $(seq "$vm_runs"); do
+        if [ -n "$lock_fd" ]; then
+            bench_log "waiting for $HUSK_VM_LOCK (one guest at a time) ..."
+            flock -w 900 "$lock_fd" || { skip[ctr-husk-vm]="$HUSK_VM_LOCK busy for 15 min"; break; }
+        fi
+        measure ctr-husk-vm ctr run --rm --runtime io.containerd.husk.v2 \
+            --annotation io.husk.isolation=vm "$image" "vm$i" true
+        if [ -n "$lock_fd" ]; then flock -u "$lock_fd"; fi
+    done
+    if [ -n "$lock_fd" ]; then exec {lock_fd}>&-; fi
+fi
+
+# Docker driving the shim itself (no --add-runtime): a probe, then RUNS timed runs.
+docker_shim_na=
+if [ -n "$docker_ok" ]; then
+    if dk run --rm --network none --runtime io.containerd.husk.v2 "$image" true >"$work/docker-shim.out" 2>&1; then
+        for _ in $(seq "$runs"); do
+            measure docker-shim dk run --rm --network none --runtime io.containerd.husk.v2 "$image" true
+        done
+    else
+        docker_shim_na="dockerd $(dk version -f '{{.Server.Version}}' 2>/dev/null) refused --runtime io.containerd.husk.v2: $(tr '\n' ' ' <"$work/docker-shim.out")"
+    fi
+fi
+
 for rt in husk runc; do
     label=$rt; [ "$rt" = husk ] && label="husk-$isolation"
     if [ -z "$ctr_ok" ]; then record_na engine-ctr "$ctr_label" "$label" "private containerd did not start or import failed (containerd installed? scripts/setup.sh)"
@@ -111,3 +150,18 @@ for rt in husk runc; do
         record engine-docker "$docker_label" "$label" ms ${res[docker-$rt]}
     fi
 done
+vm_label=husk-vm
+if [ -z "$ctr_ok" ]; then record_na engine-ctr "$ctr_label" "$vm_label" "private containerd did not start or import failed"
+elif [ -n "${skip[ctr-husk-vm]:-}" ]; then record_na engine-ctr "$ctr_label" "$vm_label" "${skip[ctr-husk-vm]}"
+else
+    # shellcheck disable=SC2086
+    record engine-ctr "$ctr_label" "$vm_label" ms ${res[ctr-husk-vm]}
+fi
+shim_label="husk-shim-$isolation (--runtime io.containerd.husk.v2)"
+if [ -z "$docker_ok" ]; then record_na engine-docker "$docker_label" "$shim_label" "private dockerd did not start"
+elif [ -n "$docker_shim_na" ]; then record_na engine-docker "$docker_label" "$shim_label" "$docker_shim_na"
+elif [ -n "${skip[docker-shim]:-}" ]; then record_na engine-docker "$docker_label" "$shim_label" "${skip[docker-shim]}"
+else
+    # shellcheck disable=SC2086
+    record engine-docker "$docker_label" "$shim_label" ms ${res[docker-shim]}
+fi
