@@ -57,6 +57,8 @@ fn bundle() -> Result<std::path::PathBuf, ShimError> {
 /// picks the socket, so a pod's containers share one instance) and prints its address
 /// bare, as containerd 1.6 reads it.
 pub fn start(flags: &Flags) -> Result<(), ShimError> {
+    // A bad HUSK_ISOLATION is reported here, where containerd shows the shim's output.
+    crate::tasks::default_isolation()?;
     let bundle = bundle()?;
     let grouping = Role::of(&flags.id, &pod::annotations(&bundle)).grouping(&flags.id);
     let opts = StartOpts {

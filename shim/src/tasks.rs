@@ -56,6 +56,8 @@ pub enum TaskError {
     },
     /// checkpoint/restore is not supported by husk
     Checkpoint,
+    /// the shim's environment sets HUSK_ISOLATION={0:?}: use vm or container (or unset it: vm), in the containerd config's shim environment
+    BadIsolationEnv(String),
     /// {0}
     Lifecycle(#[from] LifecycleError),
     /// {0}
@@ -100,6 +102,24 @@ pub struct Tasks {
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
+/// The shim's default isolation level, which the annotation `io.husk.isolation` of a
+/// container overrides: `HUSK_ISOLATION` from the shim's environment (containerd's), else
+/// none, which means the library's default, a microVM: a sandboxing runtime isolates
+/// unless told otherwise.
+pub fn default_isolation() -> Result<Option<Isolation>, TaskError> {
+    parse_isolation(std::env::var("HUSK_ISOLATION").ok())
+}
+
+fn parse_isolation(value: Option<String>) -> Result<Option<Isolation>, TaskError> {
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| TaskError::BadIsolationEnv(v)),
+    }
+}
+
 /// Where the shim keeps husk's state: `$HUSK_SHIM_ROOT/<namespace>` (default
 /// `/run/husk-shim/<namespace>`), so containers of different namespaces never collide.
 pub fn store_root(namespace: &str) -> PathBuf {
@@ -110,10 +130,7 @@ pub fn store_root(namespace: &str) -> PathBuf {
 impl Tasks {
     pub fn new(events: Events) -> Result<Self, TaskError> {
         let store = Store::open(&store_root(events.namespace())).map_err(LifecycleError::from)?;
-        // The containerd config's shim environment may pick the default isolation level.
-        let isolation = std::env::var("HUSK_ISOLATION")
-            .ok()
-            .and_then(|v| v.parse().ok());
+        let isolation = default_isolation()?;
         Ok(Tasks {
             store,
             events: Arc::new(events),
@@ -594,4 +611,28 @@ pub fn is_not_found(e: &TaskError) -> bool {
                 ..
             }))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_isolation_comes_from_the_environment_and_bad_values_are_errors() {
+        assert_eq!(parse_isolation(None).unwrap(), None);
+        assert_eq!(parse_isolation(Some(String::new())).unwrap(), None);
+        assert_eq!(
+            parse_isolation(Some("container".into())).unwrap(),
+            Some(Isolation::Container)
+        );
+        assert_eq!(
+            parse_isolation(Some("vm".into())).unwrap(),
+            Some(Isolation::Vm)
+        );
+        let err = parse_isolation(Some("kvm".into())).unwrap_err().to_string();
+        assert!(
+            err.contains("HUSK_ISOLATION=\"kvm\"") && err.contains("use vm or container"),
+            "{err}"
+        );
+    }
 }

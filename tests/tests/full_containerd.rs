@@ -158,3 +158,17 @@ fn a_cri_pod_shares_one_shim() {
     }
     c.assert_clean();
 }
+
+#[test]
+fn a_bad_default_isolation_is_a_clear_error() {
+    let c = Containerd::start(Some("kvm"));
+    let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "bad1", "true"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = text(&out);
+    assert!(
+        err.contains("HUSK_ISOLATION=\"kvm\"") && err.contains("use vm or container"),
+        "{err}"
+    );
+    let _ = c.ctr(&["container", "rm", "bad1"]);
+    c.assert_clean();
+}
