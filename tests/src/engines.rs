@@ -17,6 +17,9 @@ pub fn repo() -> PathBuf {
         .to_path_buf()
 }
 
+/// The guest template cache husk keeps under its `--root` (the shim's namespace directory).
+const TEMPLATE_CACHE: &str = "@templates";
+
 /// A running private containerd.
 pub struct Containerd {
     pub dir: tempfile::TempDir,
@@ -151,9 +154,20 @@ impl Containerd {
                 .filter(|l| l.contains(&d))
                 .map(|l| format!("mount {l}")),
         );
+        // A namespace's state directory must be gone, unless all it holds is husk's guest
+        // template cache (`@templates`, kept across containers on purpose).
         if let Ok(nss) = std::fs::read_dir(self.dir.path().join("husk")) {
             for ns in nss.flatten() {
-                left.push(format!("state dir {:?}", ns.path()));
+                let entries: Vec<_> = std::fs::read_dir(ns.path())
+                    .map(|d| d.flatten().map(|e| e.path()).collect())
+                    .unwrap_or_default();
+                let cache_only = !entries.is_empty()
+                    && entries
+                        .iter()
+                        .all(|e| e.file_name() == Some(TEMPLATE_CACHE.as_ref()));
+                if !cache_only {
+                    left.push(format!("state dir {:?}: {entries:?}", ns.path()));
+                }
             }
         }
         left
