@@ -118,6 +118,7 @@ fn start(config: &DaemonConfig) -> Result<Running, DaemonError> {
     // Before any thread of the VMM exists: each one installs its filter as it starts.
     if let GuestKind::Vm { .. } = config.guest {
         seccomp::confine_process(seccomp_mode(config));
+        crate::jailer::lower_process_rlimits()?;
     }
     let run_dir = layout.run_dir();
     std::fs::DirBuilder::new()

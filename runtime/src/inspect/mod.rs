@@ -309,7 +309,7 @@ pub fn inspect(store: &Store, id: &str) -> Result<Report, InspectError> {
             };
             if !layout.jailed() {
                 notes.push(
-                    "the VMM is not jailed yet: it runs as root in the host's namespaces (seccomp filters only)"
+                    "the VMM is not jailed yet: uid 0 without capabilities, in the host's namespaces and root"
                         .into(),
                 );
             }

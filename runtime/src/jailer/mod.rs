@@ -66,6 +66,10 @@ fn step<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// RLIMIT_NOFILE of a jailed (or confined) vmm: vsock streams, virtio queues' eventfds
+/// and the control clients stay well below it.
+pub const DEFAULT_MAX_FDS: u64 = 2048;
+
 /// What the jail is built from.
 #[derive(Debug, Clone)]
 pub struct JailConfig {
@@ -104,7 +108,7 @@ impl JailConfig {
             gid: uid,
             resources,
             keep_fds: vec![0, 1, 2],
-            max_fds: 2048,
+            max_fds: DEFAULT_MAX_FDS,
             max_procs: 64,
         }
     }
@@ -438,4 +442,37 @@ fn drop_privileges(sys: &dyn Sys, config: &JailConfig, last_cap: u32) -> Result<
         .map_err(step("set not dumpable", path))?;
     sys.set_no_new_privs()
         .map_err(step("set no_new_privs", path))
+}
+
+/// Drops every capability of the calling thread: the bounding set, the ambient set,
+/// then effective, permitted and inheritable (capabilities are per thread, so each
+/// thread of the daemon calls this for itself, right before its seccomp filter). The
+/// thread keeps its uid: what it may still touch is what that uid owns.
+pub fn drop_thread_capabilities() -> Result<(), JailError> {
+    let sys = RealSys;
+    let last_cap = sys.last_cap().map_err(step(
+        "read cap_last_cap",
+        Path::new("/proc/sys/kernel/cap_last_cap"),
+    ))?;
+    let path = Path::new("capabilities");
+    for cap in 0..=last_cap {
+        sys.drop_bounding_cap(cap)
+            .map_err(step("drop a bounding capability", path))?;
+    }
+    sys.clear_ambient_caps()
+        .map_err(step("clear ambient capabilities", path))?;
+    sys.clear_caps().map_err(step("clear capabilities", path))
+}
+
+/// The jail's process-wide rlimits for a daemon that is not jailed: no core file (guest
+/// memory must never land in one) and at most [`DEFAULT_MAX_FDS`] fds. Only lowers.
+pub fn lower_process_rlimits() -> Result<(), JailError> {
+    let sys = RealSys;
+    let path = Path::new("rlimit");
+    for (which, want) in [(Rlimit::NoFile, DEFAULT_MAX_FDS), (Rlimit::Core, 0)] {
+        let (soft, hard) = sys.getrlimit(which).map_err(step("read an rlimit", path))?;
+        sys.setrlimit(which, want.min(soft), want.min(hard))
+            .map_err(step("set an rlimit", path))?;
+    }
+    Ok(())
 }

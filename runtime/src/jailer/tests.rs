@@ -333,3 +333,27 @@ fn refuses_root_user_threads_and_an_existing_jail() {
     assert!(matches!(e, JailError::Exists(_)), "{e}");
     assert!(fake.log().is_empty());
 }
+
+#[test]
+fn a_thread_drops_all_its_capabilities_and_only_its_own() {
+    fn caps() -> Vec<String> {
+        std::fs::read_to_string("/proc/thread-self/status")
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("Cap"))
+            .map(str::to_string)
+            .collect()
+    }
+    let before = caps();
+    let dropped = std::thread::spawn(|| {
+        super::drop_thread_capabilities().unwrap();
+        caps()
+    })
+    .join()
+    .unwrap();
+    for line in &dropped {
+        assert!(line.ends_with("0000000000000000"), "{dropped:?}");
+    }
+    // Capabilities are per thread: this one keeps what it had.
+    assert_eq!(caps(), before);
+}

@@ -33,6 +33,8 @@ pub enum SeccompError {
     UnknownMode(String),
     /// seccomp mode `{0}` is for development builds only; release builds always kill on a call outside the allowlist
     DevelopmentOnly(String),
+    /// dropping the capabilities of thread {thread} failed: {reason}
+    Capabilities { thread: String, reason: String },
 }
 
 /// The threads of the vmm daemon that get their own allowlist.
@@ -157,11 +159,17 @@ pub fn process_mode() -> Option<SeccompMode> {
     PROCESS_MODE.get().copied()
 }
 
-/// Installs `kind`'s filter on the calling thread when the process is confined
-/// ([`confine_process`]); a no-op otherwise. Called at the top of each VMM thread.
+/// When the process is confined ([`confine_process`]): drops every capability of the
+/// calling thread (capabilities are per thread; the jailer's
+/// [`crate::jailer::drop_thread_capabilities`]) and installs `kind`'s filter on it. A
+/// no-op otherwise. Called at the top of each thread of the vmm daemon.
 pub fn install_configured(kind: ThreadKind) -> Result<(), SeccompError> {
-    match process_mode() {
-        Some(mode) => install(kind, mode),
-        None => Ok(()),
-    }
+    let Some(mode) = process_mode() else {
+        return Ok(());
+    };
+    crate::jailer::drop_thread_capabilities().map_err(|e| SeccompError::Capabilities {
+        thread: current_thread_name(),
+        reason: e.to_string(),
+    })?;
+    install(kind, mode)
 }
