@@ -17,6 +17,7 @@
 #   bench/memory.sh    memory per running sandbox (VMM, virtiofsd, guest), 1 and 4 sandboxes
 #   bench/engines.sh   `ctr run` and `docker run` end to end, husk vs runc
 #   bench/virtiofs.sh  virtio-fs sequential write/read vs the host
+#   bench/net.sh       TCP throughput (iperf3) and connect latency container <-> peer netns
 # A row whose prerequisite is missing is written as "n/a: reason"; the others still run.
 #
 # Every guest boot needs /tmp/husk-vm.lock: the full run holds it throughout (one lock
@@ -145,6 +146,7 @@ if [ -n "$quick" ]; then
     skipped mem-1 "memory per running sandbox (1 and 4 sandboxes)" husk-vm
     bash bench/engines.sh 3
     skipped vfs-write "virtio-fs sequential write and read vs host" husk-vm
+    skipped net-in "TCP throughput and connect latency vs a peer namespace" husk-vm
 else
     bash bench/start.sh 10 3 husk-vm husk-container runc crun
     bash bench/boot.sh 3
@@ -152,6 +154,7 @@ else
     bash bench/memory.sh 4
     bash bench/engines.sh 10
     bash bench/virtiofs.sh 2
+    bash bench/net.sh 1
 fi
 took=$(awk -v a="$t0" -v b="$(now_us)" 'BEGIN { printf "%.1f", (b - a) / 60e6 }')
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -13,6 +13,7 @@ APT_PACKAGES=(
     runc                         # reference runtime for the CLI conformance suite
     containerd docker.io         # engines driving husk in the full-path shim and Docker tests
     flex bison libelf-dev bc xz-utils linux-source-6.1 # the guest kernel
+    iperf3                       # bench/net.sh: TCP throughput, husk-vm vs runc
 )
 
 install_packages() {
