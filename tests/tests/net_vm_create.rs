@@ -104,3 +104,24 @@ fn an_engine_namespace_without_interface_fails_create_cleanly() {
     empty.assert_clean("lo");
     husk.assert_nothing_left();
 }
+
+#[test]
+fn a_new_network_namespace_has_only_loopback_and_it_is_up() {
+    // The agent's own code path for a spec `network` entry without a path (the same
+    // code runs in the guest); the test-only host agent runs it without a boot.
+    let mut husk = Husk::new(Guest::HostAgent);
+    let b = bundle("ip -o link");
+    let out = husk.must(
+        &["run", "-b", b.path().to_str().unwrap(), "net-lo"],
+        TIMEOUT,
+    );
+    let links: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(links.len(), 1, "only loopback: {}", out.stdout);
+    assert!(
+        links[0].contains("lo:") && links[0].contains("LOOPBACK,UP"),
+        "loopback must be up, as runc leaves it: {}",
+        out.stdout
+    );
+    // `run` deletes the container once it exited, as runc does.
+    husk.assert_nothing_left();
+}
