@@ -14,6 +14,7 @@ mod init;
 mod network;
 mod ports;
 mod reaper;
+mod restored;
 mod server;
 mod share;
 mod stdio;

@@ -152,6 +152,10 @@ fn dispatch(agent: &Agent, request: Request) -> Result<Response, AgentError> {
             mountpoint,
             readonly,
         } => crate::share::mount_share(&tag, &mountpoint, readonly),
+        Request::RefreshAfterRestore {
+            realtime_ns,
+            entropy,
+        } => crate::restored::refresh(realtime_ns, &entropy),
     }
 }
 

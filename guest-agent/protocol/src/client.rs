@@ -210,6 +210,18 @@ impl<S: Read + Write> AgentClient<S> {
         })
     }
 
+    /// Gives a guest restored from a snapshot the host's time and fresh entropy.
+    pub fn refresh_after_restore(
+        &mut self,
+        realtime_ns: u64,
+        entropy: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        self.expect_done(&Request::RefreshAfterRestore {
+            realtime_ns,
+            entropy,
+        })
+    }
+
     pub fn delete_container(&mut self, id: &str, force: bool) -> Result<(), ClientError> {
         self.expect_done(&Request::DeleteContainer {
             id: id.to_owned(),

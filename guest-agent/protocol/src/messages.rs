@@ -177,6 +177,16 @@ pub enum Request {
         container_id: String,
         resources: Box<LinuxResources>,
     },
+    /// Sent first to a guest restored from a snapshot: every guest restored from one
+    /// template starts with the same clock and the same random-generator state, so the
+    /// host gives each its wall-clock time and fresh entropy (which the agent credits and
+    /// then forces a reseed of the kernel's generator with).
+    RefreshAfterRestore {
+        /// Nanoseconds since the Unix epoch on the host.
+        realtime_ns: u64,
+        /// At least 32 bytes from the host's random generator.
+        entropy: Vec<u8>,
+    },
 }
 
 /// The agent's answer to one [`Request`].
@@ -230,6 +240,7 @@ impl Request {
             Request::ListProcesses { .. } => "list_processes",
             Request::SignalContainer { .. } => "signal_container",
             Request::UpdateContainer { .. } => "update_container",
+            Request::RefreshAfterRestore { .. } => "refresh_after_restore",
         }
     }
 }

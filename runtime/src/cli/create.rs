@@ -28,6 +28,9 @@ pub struct Args {
     /// Pass this many extra fds (from 3 on) to the container
     #[arg(long, default_value_t = 0)]
     pub preserve_fds: i32,
+    /// Boot the microVM cold instead of restoring it from a template (--isolation vm)
+    #[arg(long)]
+    pub no_template: bool,
     /// The container id
     pub id: String,
 }
@@ -50,6 +53,7 @@ impl Args {
                 initrd: g.initrd.clone(),
             },
             seccomp: g.seccomp,
+            no_template: self.no_template,
         })
     }
 }

@@ -21,6 +21,9 @@ pub enum GuestKind {
         initrd: PathBuf,
         vcpus: u8,
         mem_mib: u64,
+        /// Where the guest's template is found or made; None boots cold.
+        #[serde(default)]
+        template_dir: Option<PathBuf>,
     },
     /// Test-only (see [`TEST_GUEST_ENV`]): `husk-agent --unix-dir` on the host.
     HostAgent { agent: PathBuf },

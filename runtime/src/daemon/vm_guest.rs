@@ -17,6 +17,7 @@ pub struct MicroVm {
     initrd: PathBuf,
     vcpus: u8,
     mem_mib: u64,
+    template_dir: Option<PathBuf>,
     /// The network namespace to attach to (the spec's `network` namespace path).
     netns: Option<PathBuf>,
     /// Kept for the sandbox's life; its filters outlive the daemon when it is confined,
@@ -34,11 +35,13 @@ impl MicroVm {
                 initrd,
                 vcpus,
                 mem_mib,
+                template_dir,
             } => Some(Self {
                 kernel: kernel.clone(),
                 initrd: initrd.clone(),
                 vcpus: *vcpus,
                 mem_mib: *mem_mib,
+                template_dir: template_dir.clone(),
                 netns: None,
                 net: None,
                 vm: None,
@@ -112,6 +115,8 @@ impl GuestBackend for MicroVm {
         config.mem_mib = self.mem_mib;
         // The daemon's stdio is the container's: the guest console goes to the log.
         config.console = ConsoleOutput::Log;
+        // With a NIC the guest boots cold (a template has none; GuestVm decides).
+        config.template_dir = self.template_dir.clone();
         if let Some(netns) = self.netns.clone() {
             config.net = Some(self.attach(&netns, run_dir)?);
         }
@@ -122,7 +127,15 @@ impl GuestBackend for MicroVm {
                 return Err(e.into());
             }
         };
-        log::info!("guest agent ready after {:?}", vm.ready_after());
+        log::info!(
+            "guest agent ready after {:?} ({})",
+            vm.ready_after(),
+            if vm.started_from_template() {
+                "restored from a template"
+            } else {
+                "cold boot"
+            }
+        );
         self.vm = Some(vm);
         Ok(GuestAddress::HybridVsock {
             socket: run_dir.join(VSOCK_SOCKET),

@@ -43,6 +43,9 @@ pub struct CreateOptions {
     pub guest_artifacts: GuestArtifacts,
     /// The vmm daemon's seccomp mode (`--seccomp`; `log`/`off` in debug builds only).
     pub seccomp: crate::seccomp::SeccompMode,
+    /// `--isolation vm`: boot the guest cold instead of restoring it from the template of
+    /// its configuration (`--no-template`).
+    pub no_template: bool,
 }
 
 /// Explicit guest kernel and initramfs paths.

@@ -67,8 +67,16 @@ fn husk_binary(id: &str, op: &'static str) -> Result<PathBuf, SandboxError> {
     super::husk_binary::find().map_err(|e| backend_err(id, op, e))
 }
 
+/// The directory under `--root` where guest templates are cached: not a valid container
+/// id, so it can never collide with one, and `list` passes over it.
+pub const TEMPLATES_DIR: &str = "@templates";
+
 /// What the daemon boots, or the test-only host agent.
-fn guest_kind(id: &str, artifacts: &GuestArtifacts) -> Result<GuestKind, SandboxError> {
+fn guest_kind(
+    id: &str,
+    artifacts: &GuestArtifacts,
+    template_dir: Option<PathBuf>,
+) -> Result<GuestKind, SandboxError> {
     if std::env::var(TEST_GUEST_ENV).as_deref() == Ok("host-agent") {
         let exe = husk_binary(id, "create")?;
         let agent = std::env::var_os("HUSK_AGENT")
@@ -84,6 +92,7 @@ fn guest_kind(id: &str, artifacts: &GuestArtifacts) -> Result<GuestKind, Sandbox
         initrd: locate(Artifact::Initrd, &artifacts.initrd)?,
         vcpus: 1,
         mem_mib: crate::vmm::config::DEFAULT_MEM_MIB,
+        template_dir,
     })
 }
 
@@ -290,7 +299,13 @@ impl Sandbox for VmSandbox {
             bundle: bundle.path.clone(),
             rootfs: bundle.rootfs(),
             console_socket: opts.console_socket.clone(),
-            guest: guest_kind(id, &opts.guest_artifacts)?,
+            guest: guest_kind(
+                id,
+                &opts.guest_artifacts,
+                (!opts.no_template)
+                    .then(|| entry.dir().parent().map(|root| root.join(TEMPLATES_DIR)))
+                    .flatten(),
+            )?,
             jail: false,
             seccomp: opts.seccomp.to_string(),
         };
@@ -476,7 +491,7 @@ mod tests {
             kernel: Some(kernel.clone()),
             initrd: Some(initrd.clone()),
         };
-        match guest_kind("c", &given).unwrap() {
+        match guest_kind("c", &given, None).unwrap() {
             GuestKind::Vm {
                 kernel: k,
                 initrd: i,
@@ -488,7 +503,7 @@ mod tests {
             kernel: Some(dir.path().join("nope")),
             ..given
         };
-        let err = guest_kind("c", &missing).unwrap_err().to_string();
+        let err = guest_kind("c", &missing, None).unwrap_err().to_string();
         assert!(err.contains("nope") && err.contains("HUSK_KERNEL"), "{err}");
     }
 }

@@ -18,7 +18,7 @@
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,8 @@ use super::config::{
 };
 use super::devices::serial::ConsoleOutput;
 use super::devices::virtio::vsock::DEFAULT_GUEST_CID;
-use super::vm::{GuestExit, RunError, RunOptions, VmOutcome, VmPauseHandle, VmStopHandle};
+use super::template;
+use super::vm::{GuestExit, RunError, RunOptions, Vm, VmOutcome, VmPauseHandle, VmStopHandle};
 use crate::artifacts::{self, Artifact, ArtifactError};
 
 /// The tag of the sandbox share.
@@ -109,6 +110,10 @@ pub struct GuestVmConfig {
     pub cmdline_extra: String,
     /// A NIC over a tap, configured by the agent once it is ready.
     pub net: Option<GuestNet>,
+    /// Where templates are cached ([`super::template`]): the guest starts from the
+    /// template of its configuration, made by this boot when there is none. `None`, or a
+    /// NIC (a template has none), boots cold.
+    pub template_dir: Option<PathBuf>,
 }
 
 /// The guest's NIC: the device and what the agent makes of it (`ConfigureNetwork`).
@@ -132,15 +137,16 @@ impl GuestVmConfig {
             ready_timeout: Duration::from_secs(300),
             cmdline_extra: String::new(),
             net: None,
+            template_dir: None,
         }
     }
 
-    fn vm_config(self) -> Result<VmConfig, GuestVmError> {
+    fn vm_config(&self) -> Result<VmConfig, GuestVmError> {
         if !self.run_dir.is_dir() {
-            return Err(GuestVmError::RunDir(self.run_dir));
+            return Err(GuestVmError::RunDir(self.run_dir.clone()));
         }
         if !self.share_dir.is_dir() {
-            return Err(GuestVmError::ShareDir(self.share_dir));
+            return Err(GuestVmError::ShareDir(self.share_dir.clone()));
         }
         let vsock_path = self.run_dir.join(VSOCK_SOCKET);
         remove_stale_socket(&vsock_path)?;
@@ -151,20 +157,20 @@ impl GuestVmConfig {
             }),
             shares: vec![FsShareConfig {
                 tag: SHARE_TAG.into(),
-                dir: self.share_dir,
+                dir: self.share_dir.clone(),
                 virtiofsd: artifacts::locate(Artifact::Virtiofsd, self.virtiofsd.as_deref())?,
                 socket_path: self.run_dir.join(VIRTIOFSD_SOCKET),
             }],
-            net: self.net.map(|n| n.device),
+            net: self.net.as_ref().map(|n| n.device.clone()),
         };
         let mut config = VmConfig::new(BootSource::Linux {
             kernel: artifacts::locate(Artifact::Kernel, self.kernel.as_deref())?,
             initrd: Some(artifacts::locate(Artifact::Initrd, self.initrd.as_deref())?),
-            cmdline_extra: self.cmdline_extra,
+            cmdline_extra: self.cmdline_extra.clone(),
         });
         config.vcpus = self.vcpus;
         config.mem_mib = self.mem_mib;
-        config.console = self.console;
+        config.console = self.console.clone();
         config.devices = devices;
         Ok(config)
     }
@@ -195,22 +201,103 @@ pub struct GuestVm {
     pause: VmPauseHandle,
     done: Receiver<Result<VmOutcome, RunError>>,
     thread: Option<JoinHandle<()>>,
+    from_template: bool,
+}
+
+/// How [`GuestVm::run`] got its VM.
+enum Start {
+    /// Booted; saved as the template at this path once ready, if given.
+    Cold { template: Option<PathBuf> },
+    /// Restored from a template.
+    Restored,
+}
+
+fn confine_event_loop() -> Result<(), RunError> {
+    crate::seccomp::install_configured(crate::seccomp::ThreadKind::EventLoop)
+        .map_err(|e| RunError::EventLoop(e.into()))
+}
+
+/// Runs `vm` until its agent is ready, saves it as the template at `path`, reports
+/// ready, and runs on. Failing to save is logged, not fatal: this sandbox runs on, and
+/// the next one boots cold again.
+///
+/// The event loop's seccomp filter (which has no file creation) is installed once the
+/// template is written: until then the guest runs only husk's own kernel and agent, no
+/// workload.
+fn run_making_template(
+    vm: &mut Vm,
+    opts: RunOptions,
+    path: &Path,
+    ready: &Sender<Duration>,
+) -> Result<VmOutcome, RunError> {
+    let outcome = vm.wait_then_pause(RunOptions {
+        until_ready: true,
+        ..opts
+    })?;
+    if !matches!(outcome.exit, GuestExit::Ready) {
+        return Ok(outcome);
+    }
+    let t0 = Instant::now();
+    match template::save(vm, path) {
+        Ok(()) => log::info!(
+            "template {} saved in {} ms",
+            path.display(),
+            t0.elapsed().as_millis()
+        ),
+        Err(e) => log::warn!("saving template {}: {e}", path.display()),
+    }
+    confine_event_loop()?;
+    vm.resume()?;
+    if let Some(after) = vm.ready_after() {
+        let _ = ready.send(after);
+    }
+    vm.wait(opts)
 }
 
 impl GuestVm {
-    /// Boots the VM and returns once the agent is ready and has mounted the share.
+    /// Boots the VM, or restores it from its template ([`GuestVmConfig::template_dir`]),
+    /// and returns once the agent is ready and has mounted the share.
     pub fn boot(config: GuestVmConfig) -> Result<Self, GuestVmError> {
+        let template = match (&config.template_dir, &config.net) {
+            (Some(dir), None) => Some(
+                template::path_for(dir, &config.vm_config()?)
+                    .map_err(|e| GuestVmError::Build(Box::new(e.into())))?,
+            ),
+            _ => None,
+        };
+        if let Some(path) = template.as_ref().filter(|p| p.exists()) {
+            match VmBuilder::restore(config.vm_config()?, path).and_then(VmBuilder::start) {
+                Ok(vm) => return Self::run(vm, &config, Start::Restored),
+                Err(BuildError::Snapshot(e)) if e.snapshot_unusable() => {
+                    log::warn!(
+                        "template {} is unusable ({e}): booting cold and making it again",
+                        path.display()
+                    );
+                    let _ = std::fs::remove_file(path);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let vm = VmBuilder::new(config.vm_config()?)?.start()?;
+        Self::run(vm, &config, Start::Cold { template })
+    }
+
+    /// Runs `vm` on its own thread and gets its agent ready for containers.
+    fn run(mut vm: Vm, config: &GuestVmConfig, start: Start) -> Result<Self, GuestVmError> {
         let ready_timeout = config.ready_timeout;
-        let share_dir = config.share_dir.clone();
-        let vsock_path = config.run_dir.join(VSOCK_SOCKET);
-        let interface = config.net.as_ref().map(|n| n.interface.clone());
-        let mut vm = VmBuilder::new(config.vm_config()?)?.start()?;
         let started_at = vm.started_at();
         let (ready_tx, ready_rx) = channel();
-        vm.notify_ready(ready_tx);
         let stop = vm.stop_handle().map_err(GuestVmError::Thread)?;
         let pause = vm.pause_handle();
         let (done_tx, done) = channel();
+        let restored = matches!(start, Start::Restored);
+        let make_template = match start {
+            Start::Cold { template } => template,
+            Start::Restored => None,
+        };
+        if make_template.is_none() {
+            vm.notify_ready(ready_tx.clone());
+        }
         let opts = RunOptions {
             until_ready: false,
             ready_timeout: Some(ready_timeout),
@@ -219,12 +306,10 @@ impl GuestVm {
             .name("husk-vmm".into())
             .spawn(move || {
                 // This thread runs the event loop; the vCPU threads filtered themselves.
-                let result =
-                    match crate::seccomp::install_configured(crate::seccomp::ThreadKind::EventLoop)
-                    {
-                        Ok(()) => vm.wait(opts),
-                        Err(e) => Err(RunError::EventLoop(e.into())),
-                    };
+                let result = match make_template {
+                    Some(path) => run_making_template(&mut vm, opts, &path, &ready_tx),
+                    None => confine_event_loop().and_then(|()| vm.wait(opts)),
+                };
                 // Drop the VM (and with it the vsock streams and virtiofsd) before
                 // reporting, so whoever sees the result sees the host ends closed.
                 drop(vm);
@@ -232,29 +317,42 @@ impl GuestVm {
             })
             .map_err(GuestVmError::Thread)?;
         let mut guest = Self {
-            connector: HybridVsockConnector::new(vsock_path),
-            share_dir,
+            connector: HybridVsockConnector::new(config.run_dir.join(VSOCK_SOCKET)),
+            share_dir: config.share_dir.clone(),
             started_at,
             ready_after: Duration::ZERO,
             stop,
             pause,
             done,
             thread: Some(thread),
+            from_template: restored,
         };
-        // The event loop enforces the ready deadline; the margin only guards against a
-        // VM thread that never reports.
-        match ready_rx.recv_timeout(ready_timeout + STOP_WAIT) {
-            Ok(after) => guest.ready_after = after,
-            Err(_) => return Err(guest.ended_before_ready()),
+        if restored {
+            // The agent was ready when the template was taken.
+            let mut agent = guest.agent()?;
+            template::refresh(&mut agent)?;
+            guest.ready_after = started_at.elapsed();
+        } else {
+            // The event loop enforces the ready deadline; the margin only guards against
+            // a VM thread that never reports.
+            match ready_rx.recv_timeout(ready_timeout + STOP_WAIT) {
+                Ok(after) => guest.ready_after = after,
+                Err(_) => return Err(guest.ended_before_ready()),
+            }
         }
         let mut agent = guest.agent()?;
         agent.mount_share(SHARE_TAG, GUEST_SHARE_DIR, false)?;
-        if let Some(interface) = interface {
+        if let Some(net) = &config.net {
             agent.configure_network(NetworkConfig {
-                interfaces: vec![interface],
+                interfaces: vec![net.interface.clone()],
             })?;
         }
         Ok(guest)
+    }
+
+    /// Whether the guest was restored from a template rather than booted.
+    pub fn started_from_template(&self) -> bool {
+        self.from_template
     }
 
     fn ended_before_ready(mut self) -> GuestVmError {

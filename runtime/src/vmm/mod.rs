@@ -34,6 +34,7 @@ pub mod guest;
 pub mod kvm;
 pub mod memory;
 pub mod snapshot;
+pub mod template;
 pub mod vcpu;
 pub mod vm;
 

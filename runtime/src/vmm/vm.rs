@@ -310,6 +310,7 @@ impl Vm {
             .into());
         }
         self.pause()?;
+        snapshot::vcpu::preload_msr_index_list()?;
         let vcpus = self
             .parts
             .vcpus

@@ -20,6 +20,7 @@ pub const COM1_LEN: u64 = 8;
 pub const COM1_IRQ: u32 = 4;
 
 /// Where the guest console goes.
+#[derive(Clone)]
 pub enum ConsoleOutput {
     /// The VMM's standard output (`husk vmm boot`).
     Stdout,

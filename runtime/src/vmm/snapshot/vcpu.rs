@@ -63,6 +63,12 @@ fn optional<T>(
     }
 }
 
+/// Asks KVM for the MSR index list on the calling thread if nobody has yet, so that vCPU
+/// threads saving their state need not open /dev/kvm, which their seccomp filter forbids.
+pub fn preload_msr_index_list() -> Result<(), SnapshotError> {
+    msr_index_list().map(drop)
+}
+
 /// The MSR indices KVM can save and restore on this host (asked once per process).
 fn msr_index_list() -> Result<&'static [u32], SnapshotError> {
     static LIST: OnceLock<Vec<u32>> = OnceLock::new();

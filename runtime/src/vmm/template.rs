@@ -1,0 +1,120 @@
+//! Templates: a snapshot of a guest taken once its agent is ready and before any share
+//! is mounted, from which later sandboxes of the same configuration start instead of
+//! booting (design.md, "Fast start").
+//!
+//! A template is keyed by what the guest's state depends on: kernel and initramfs (their
+//! contents), vCPUs, memory, the extra command line and the CPU template. The key names
+//! the file, `<dir>/<key>.snap`; the snapshot itself carries the VM's full fingerprint,
+//! which the restore checks, so a stale or foreign file is refused and rebuilt.
+//!
+//! Guests restored from one template share its clock and random state until the host
+//! sends `RefreshAfterRestore` (the agent sets the clock and reseeds the kernel's
+//! generator with host entropy): [`refresh`] is the first thing done after a restore.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use husk_protocol::client::{AgentClient, ClientError};
+
+use super::config::{BootSource, VmConfig};
+use super::snapshot::{fingerprint, SnapshotError};
+use super::vm::{RunError, Vm};
+
+/// Bytes of host entropy each restored guest gets (the kernel keys its generator with
+/// 32).
+const ENTROPY_BYTES: usize = 64;
+
+/// Where the template for `config` lives in `dir`.
+pub fn path_for(dir: &Path, config: &VmConfig) -> Result<PathBuf, SnapshotError> {
+    let extra = match &config.boot {
+        BootSource::Linux { cmdline_extra, .. } => cmdline_extra.as_str(),
+        _ => "",
+    };
+    let key = fingerprint(
+        config.vcpus,
+        config.mem_mib,
+        &config.boot,
+        &format!("{extra}\0cpu template {:?}", config.cpu_template),
+    )?;
+    Ok(dir.join(format!("{}.snap", key.hex())))
+}
+
+/// Writes `vm`'s snapshot to `path` atomically (a reader never sees half a file, and two
+/// sandboxes making the same template at once both end with a whole one). The vCPUs are
+/// left paused.
+pub fn save(vm: &Vm, path: &Path) -> Result<(), RunError> {
+    let io = |what: &'static str, source| SnapshotError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating the template directory", e))?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    if let Err(e) = vm.snapshot(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io("renaming the new template to", e).into()
+    })
+}
+
+/// Gives a freshly restored guest the host's time and its own entropy.
+pub fn refresh(agent: &mut AgentClient) -> Result<(), ClientError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    agent.refresh_after_restore(now.as_nanos() as u64, host_entropy())
+}
+
+fn host_entropy() -> Vec<u8> {
+    let mut bytes = vec![0u8; ENTROPY_BYTES];
+    // /dev/urandom never blocks once the host's generator is seeded, which a host that
+    // runs VMs long since is; failing to read it is not something to boot on without.
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("reading /dev/urandom");
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(kernel: &Path, extra: &str, vcpus: u8) -> VmConfig {
+        let mut c = VmConfig::new(BootSource::Linux {
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            cmdline_extra: extra.into(),
+        });
+        c.vcpus = vcpus;
+        c
+    }
+
+    #[test]
+    fn the_key_follows_what_the_guest_state_depends_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"kernel one").unwrap();
+        let base = path_for(dir.path(), &config(&kernel, "", 1)).unwrap();
+        assert_eq!(base.parent(), Some(dir.path()));
+        assert_eq!(base, path_for(dir.path(), &config(&kernel, "", 1)).unwrap());
+        assert_ne!(
+            base,
+            path_for(dir.path(), &config(&kernel, "quiet", 1)).unwrap()
+        );
+        assert_ne!(base, path_for(dir.path(), &config(&kernel, "", 2)).unwrap());
+        std::fs::write(&kernel, b"kernel two").unwrap();
+        assert_ne!(base, path_for(dir.path(), &config(&kernel, "", 1)).unwrap());
+    }
+
+    #[test]
+    fn each_refresh_gets_its_own_entropy() {
+        let (a, b) = (host_entropy(), host_entropy());
+        assert_eq!(a.len(), ENTROPY_BYTES);
+        assert_ne!(a, b);
+    }
+}
