@@ -142,13 +142,15 @@ if [ -n "$quick" ]; then
     bash bench/start.sh 5 0 husk-container runc crun
     skipped start-first "start to first output (\`echo ready\`)" husk-vm
     skipped start-full "full \`run\` of \`true\`" husk-vm
+    skipped start-first "start to first output (\`echo ready\`)" husk-vm-cold
+    skipped start-full "full \`run\` of \`true\`" husk-vm-cold
     with_vm_lock bash bench/boot.sh 1
     skipped mem-1 "memory per running sandbox (1 and 4 sandboxes)" husk-vm
     bash bench/engines.sh 3
     skipped vfs-write "virtio-fs sequential write and read vs host" husk-vm
     skipped net-in "TCP throughput and connect latency vs a peer namespace" husk-vm
 else
-    bash bench/start.sh 10 3 husk-vm husk-container runc crun
+    bash bench/start.sh 10 3 husk-vm husk-vm-cold husk-container runc crun
     bash bench/boot.sh 3
     bash bench/memory.sh 1
     bash bench/memory.sh 4

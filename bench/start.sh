@@ -3,9 +3,12 @@
 # `RUNTIME run` of `true` (create + start + wait + delete), the same busybox bundle for
 # every runtime, alternating runtimes in each round (A B C A B C ...).
 #
-# Usage: bench/start.sh RUNS VM_RUNS RUNTIME...   (runtimes: runc crun husk-container husk-vm)
-# husk-vm boots a guest per run (~45 s here): the caller holds the VM lock (run.sh does).
-# One warm-up run per runtime, not recorded (husk-vm: none). Results go to $BENCH_RESULTS.
+# Usage: bench/start.sh RUNS VM_RUNS RUNTIME...
+#   runtimes: runc crun husk-container husk-vm husk-vm-cold
+# husk-vm restores each guest from the template of its root (made by its warm-up run, a
+# cold boot); husk-vm-cold boots every guest (`--no-template`, ~45 s here). Both run
+# VM_RUNS rounds only; the caller holds the VM lock (run.sh does). One warm-up run per
+# runtime, not recorded (husk-vm-cold: none). Results go to $BENCH_RESULTS.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -42,6 +45,7 @@ cmd() {
         crun) echo nsenter -m -t "$CRUN_NS_PID" crun --root "$work/root-crun" run -b "$bundle" "$id" ;;
         husk-container) echo "$HUSK_BIN" --root "$work/root-husk" --isolation container run -b "$bundle" "$id" ;;
         husk-vm) echo "$HUSK_BIN" --root "$work/root-huskvm" --isolation vm run -b "$bundle" "$id" ;;
+        husk-vm-cold) echo "$HUSK_BIN" --root "$work/root-huskvm-cold" --isolation vm run --no-template -b "$bundle" "$id" ;;
     esac
 }
 
@@ -55,7 +59,7 @@ for rt in "${runtimes[@]}"; do
             ;;
         runc) command -v runc >/dev/null || { skip[$rt]="runc not installed"; continue; } ;;
     esac
-    if [ "$rt" != husk-vm ]; then
+    if [ "$rt" != husk-vm-cold ]; then
         # shellcheck disable=SC2046
         if ! time_ms $(cmd "$rt" "$work/true" "warm-$rt") >/dev/null; then
             skip[$rt]="warm-up run failed: $(tail -1 "$BENCH_CMD_LOG")"
@@ -69,7 +73,7 @@ n=0
 for round in $(seq "$runs"); do
     for rt in "${active[@]}"; do
         [ -z "${skip[$rt]:-}" ] || continue
-        if [ "$rt" = husk-vm ] && [ "$round" -gt "$vm_runs" ]; then continue; fi
+        case "$rt" in husk-vm*) [ "$round" -le "$vm_runs" ] || continue ;; esac
         n=$((n + 1))
         # shellcheck disable=SC2046
         if out=$(first_output_ms $(cmd "$rt" "$work/echo" "e$n-$rt")); then
