@@ -354,10 +354,12 @@ pub(super) fn fix_rx_header(hdr: &mut [u8], acked: u64) -> bool {
     use virtio_bindings::virtio_net as vn;
     const FLAGS: usize = 0;
     const GSO_TYPE: usize = 1;
-    if hdr[GSO_TYPE] != vn::VIRTIO_NET_HDR_GSO_NONE as u8 {
-        // The tap only segments-offloads what `offload::tap_flags` enabled, and that is
-        // never a GSO type today; a frame that has one anyway cannot go to this guest.
-        warn!("net: RX frame with GSO type {} dropped", hdr[GSO_TYPE]);
+    let gso = hdr[GSO_TYPE];
+    let tso4_ok = gso == vn::VIRTIO_NET_HDR_GSO_TCPV4 as u8 && acked & offload::GUEST_TSO4 != 0;
+    if gso != vn::VIRTIO_NET_HDR_GSO_NONE as u8 && !tso4_ok {
+        // The tap only segments-offloads what `offload::tap_flags` enabled (TSO4 with
+        // GUEST_TSO4); a frame with another GSO type cannot go to this guest.
+        warn!("net: RX frame with GSO type {gso} dropped");
         return false;
     }
     if acked & offload::GUEST_CSUM == 0 {

@@ -339,8 +339,9 @@ fn config_space_holds_mac_link_up_and_mtu() {
     for bit in [offload::MAC, offload::MTU, offload::STATUS, offload::CSUM] {
         assert_ne!(avail & bit, 0);
     }
+    assert_ne!(avail & offload::GUEST_TSO4, 0);
     assert_eq!(
-        avail & (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO4),
+        avail & (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO6),
         0
     );
     assert_eq!(
@@ -485,8 +486,26 @@ fn rx_header_flags_are_cleared_without_guest_csum() {
     assert_ne!(hdr[0], 0, "kept with GUEST_CSUM");
     hdr[1] = virtio_bindings::virtio_net::VIRTIO_NET_HDR_GSO_TCPV4 as u8;
     assert!(
-        !device::fix_rx_header(&mut hdr, ALL),
-        "GSO was not negotiated"
+        device::fix_rx_header(&mut hdr, ALL),
+        "TSO4 with GUEST_TSO4 goes to the guest"
+    );
+    assert!(
+        !device::fix_rx_header(&mut hdr, ALL & !offload::GUEST_TSO4),
+        "GUEST_TSO4 was not negotiated"
+    );
+    hdr[1] = virtio_bindings::virtio_net::VIRTIO_NET_HDR_GSO_TCPV6 as u8;
+    assert!(!device::fix_rx_header(&mut hdr, ALL), "never TSO6");
+}
+
+#[test]
+fn tap_offloads_follow_the_accepted_features() {
+    use offload::{tap_flags, GUEST_CSUM, GUEST_TSO4};
+    assert_eq!(tap_flags(0), 0);
+    assert_eq!(tap_flags(GUEST_TSO4), 0, "TSO4 needs GUEST_CSUM");
+    assert_eq!(tap_flags(GUEST_CSUM), libc::TUN_F_CSUM);
+    assert_eq!(
+        tap_flags(GUEST_CSUM | GUEST_TSO4),
+        libc::TUN_F_CSUM | libc::TUN_F_TSO4
     );
 }
 
