@@ -37,9 +37,12 @@ pub const MAX_FRAME_LEN: usize = 65_550;
 ///
 /// - `GUEST_TSO4`: we may give the guest TCP segments of up to 64 KiB (a peer's TSO/GSO
 ///   packet crosses the veth, the redirect and the tap whole). Linux then posts 64 KiB RX
-///   buffers ("big packets": a chain of pages per buffer, no `MRG_RXBUF` needed). Under
-///   PVM the guest's cost is per packet, so this divides the receive work by up to ~45.
-///   Requires `GUEST_CSUM` (5.1.3.1); turns on `TUN_F_TSO4`.
+///   buffers ("big packets": a chain of pages per buffer, no `MRG_RXBUF` needed), and
+///   receives one segment where it would take up to ~45 frames. Requires `GUEST_CSUM`
+///   (5.1.3.1); turns on `TUN_F_TSO4`. Measured on a PVM host (bench/net.sh): no gain
+///   (1.4 Mbit/s with it, 1.95 without, on a loaded machine): at the rates an emulated
+///   guest kernel reaches, the sender's TSO autosizing makes segments of ~2 MSS, so the
+///   per-packet cost stays. It pays off where the guest is fast (hardware KVM).
 ///
 /// Not offered, on purpose:
 /// - `GUEST_TSO6`, `GUEST_UFO`, `GUEST_ECN`: no IPv6 in the guest; UFO is gone; ECN
