@@ -18,7 +18,7 @@
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -205,53 +205,34 @@ pub struct GuestVm {
 }
 
 /// How [`GuestVm::run`] got its VM.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Start {
-    /// Booted; saved as the template at this path once ready, if given.
-    Cold { template: Option<PathBuf> },
-    /// Restored from a template.
+    Cold,
     Restored,
 }
 
-fn confine_event_loop() -> Result<(), RunError> {
-    crate::seccomp::install_configured(crate::seccomp::ThreadKind::EventLoop)
-        .map_err(|e| RunError::EventLoop(e.into()))
-}
-
-/// Runs `vm` until its agent is ready, saves it as the template at `path`, reports
-/// ready, and runs on. Failing to save is logged, not fatal: this sandbox runs on, and
-/// the next one boots cold again.
-///
-/// The event loop's seccomp filter (which has no file creation) is installed once the
-/// template is written: until then the guest runs only husk's own kernel and agent, no
-/// workload.
-fn run_making_template(
-    vm: &mut Vm,
-    opts: RunOptions,
-    path: &Path,
-    ready: &Sender<Duration>,
-) -> Result<VmOutcome, RunError> {
+/// Boots a VM of `config` to agent ready, saves it as the template at `path` and stops
+/// it. The sandbox then restores from the template like every later one: a guest that
+/// runs on after being snapshotted misbehaved here (processes started in it later failed
+/// or crashed), while restored guests do not.
+fn make_template(config: &GuestVmConfig, path: &Path) -> Result<(), GuestVmError> {
+    let mut vm = VmBuilder::new(config.vm_config()?)?.start()?;
     let outcome = vm.wait_then_pause(RunOptions {
         until_ready: true,
-        ..opts
+        ready_timeout: Some(config.ready_timeout),
     })?;
     if !matches!(outcome.exit, GuestExit::Ready) {
-        return Ok(outcome);
+        return Err(GuestVmError::EndedEarly(outcome.exit));
     }
     let t0 = Instant::now();
-    match template::save(vm, path) {
-        Ok(()) => log::info!(
-            "template {} saved in {} ms",
-            path.display(),
-            t0.elapsed().as_millis()
-        ),
-        Err(e) => log::warn!("saving template {}: {e}", path.display()),
-    }
-    confine_event_loop()?;
-    vm.resume()?;
-    if let Some(after) = vm.ready_after() {
-        let _ = ready.send(after);
-    }
-    vm.wait(opts)
+    template::save(&vm, path)?;
+    log::info!(
+        "template {} made: ready after {:?}, saved in {} ms",
+        path.display(),
+        outcome.ready_after.unwrap_or_default(),
+        t0.elapsed().as_millis()
+    );
+    Ok(())
 }
 
 impl GuestVm {
@@ -265,12 +246,19 @@ impl GuestVm {
             ),
             _ => None,
         };
-        if let Some(path) = template.as_ref().filter(|p| p.exists()) {
+        if let Some(path) = &template {
+            if !path.exists() {
+                if let Err(e) = make_template(&config, path) {
+                    log::warn!("making template {}: {e}; booting cold", path.display());
+                    return Self::boot_cold(&config);
+                }
+            }
             match VmBuilder::restore(config.vm_config()?, path).and_then(VmBuilder::start) {
                 Ok(vm) => return Self::run(vm, &config, Start::Restored),
                 Err(BuildError::Snapshot(e)) if e.snapshot_unusable() => {
+                    // Removed, so the next sandbox makes it again.
                     log::warn!(
-                        "template {} is unusable ({e}): booting cold and making it again",
+                        "template {} is unusable ({e}): removed; booting cold",
                         path.display()
                     );
                     let _ = std::fs::remove_file(path);
@@ -278,8 +266,12 @@ impl GuestVm {
                 Err(e) => return Err(e.into()),
             }
         }
+        Self::boot_cold(&config)
+    }
+
+    fn boot_cold(config: &GuestVmConfig) -> Result<Self, GuestVmError> {
         let vm = VmBuilder::new(config.vm_config()?)?.start()?;
-        Self::run(vm, &config, Start::Cold { template })
+        Self::run(vm, config, Start::Cold)
     }
 
     /// Runs `vm` on its own thread and gets its agent ready for containers.
@@ -290,14 +282,8 @@ impl GuestVm {
         let stop = vm.stop_handle().map_err(GuestVmError::Thread)?;
         let pause = vm.pause_handle();
         let (done_tx, done) = channel();
-        let restored = matches!(start, Start::Restored);
-        let make_template = match start {
-            Start::Cold { template } => template,
-            Start::Restored => None,
-        };
-        if make_template.is_none() {
-            vm.notify_ready(ready_tx.clone());
-        }
+        let restored = start == Start::Restored;
+        vm.notify_ready(ready_tx);
         let opts = RunOptions {
             until_ready: false,
             ready_timeout: Some(ready_timeout),
@@ -306,10 +292,12 @@ impl GuestVm {
             .name("husk-vmm".into())
             .spawn(move || {
                 // This thread runs the event loop; the vCPU threads filtered themselves.
-                let result = match make_template {
-                    Some(path) => run_making_template(&mut vm, opts, &path, &ready_tx),
-                    None => confine_event_loop().and_then(|()| vm.wait(opts)),
-                };
+                let result =
+                    match crate::seccomp::install_configured(crate::seccomp::ThreadKind::EventLoop)
+                    {
+                        Ok(()) => vm.wait(opts),
+                        Err(e) => Err(RunError::EventLoop(e.into())),
+                    };
                 // Drop the VM (and with it the vsock streams and virtiofsd) before
                 // reporting, so whoever sees the result sees the host ends closed.
                 drop(vm);
