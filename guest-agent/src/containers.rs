@@ -316,11 +316,8 @@ impl Agent {
 
         let prepared = self.prepare_stdio(terminal, stdio, &format!("{container_id}-{exec_id}"))?;
         let guard = self.reaper.spawn_guard();
-        // Not CleanSignalsExecutor here: with it, exec'd processes in the guest crashed at
-        // start (a general protection fault on their first TLS access, or libcontainer's
-        // "failed to launch init process"), without it they do not. Cause not found yet;
-        // until then an exec'd process inherits the agent's ignored SIGPIPE.
         let built = ContainerBuilder::new(container_id.to_owned(), SyscallType::default())
+            .with_executor(CleanSignalsExecutor)
             .with_root_path(&self.state_root)
             .and_then(|b| {
                 let (b, finish) = prepared.attach(b);
