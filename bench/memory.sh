@@ -37,7 +37,7 @@ key=mem-$k
 # create timeout.
 failed=
 for i in $(seq "$k"); do
-    bench_log "starting husk vm sandbox $i/$k (~50 s boot)"
+    bench_log "starting husk vm sandbox $i/$k (~25 s from the root's template; the first makes it)"
     if ! "$HUSK_BIN" --root "$work/root" --isolation vm run -d -b "$work/b" --pid-file "$work/pid$i" "m$i" >>"$BENCH_CMD_LOG" 2>&1 </dev/null; then
         failed="husk run -d --isolation vm failed: $(tail -1 "$BENCH_CMD_LOG")"
         break
@@ -50,21 +50,29 @@ if [ -n "$failed" ]; then
     exit 0
 fi
 sleep 3
-own=() vfs=() guest=()
+own=() vfs=() guest=() pss=()
+# Proportional set size: a page shared by N processes counts 1/N in each, so what the
+# sandboxes share (binaries, and template pages if they were shared) counts once overall.
+pss_kib() { awk '/^Pss:/ { print $2 }' "/proc/$1/smaps_rollup" 2>/dev/null || echo 0; }
 for i in $(seq "$k"); do
     d=$(cat "$work/pid$i")
     rss=$(kib VmRSS "$d") shmem=$(kib RssShmem "$d")
     own+=("$(( (rss - shmem) / 1024 ))")
     guest+=("$(( shmem / 1024 ))")
-    v=0
+    v=0 p=$(pss_kib "$d")
     for c in $(descendants "$d"); do
-        if [ "$(cat /proc/"$c"/comm 2>/dev/null)" = virtiofsd ]; then v=$(( v + $(kib VmRSS "$c") )); fi
+        if [ "$(cat /proc/"$c"/comm 2>/dev/null)" = virtiofsd ]; then
+            v=$(( v + $(kib VmRSS "$c") ))
+            p=$(( p + $(pss_kib "$c") ))
+        fi
     done
     vfs+=("$(awk -v v="$v" 'BEGIN { printf "%.1f", v / 1024 }')")
+    pss+=("$(awk -v v="$p" 'BEGIN { printf "%.1f", v / 1024 }')")
 done
 record "$key" "VMM own RSS, $k sandbox(es), per sandbox" husk-vm MiB "${own[@]}"
 record "$key" "virtiofsd RSS, $k sandbox(es), per sandbox" husk-vm MiB "${vfs[@]}"
 record "$key" "guest memory touched, $k sandbox(es), per sandbox" husk-vm MiB "${guest[@]}"
+record "$key" "PSS of VMM + virtiofsd (guest RAM included), $k sandbox(es), per sandbox" husk-vm MiB "${pss[@]}"
 
 if [ "$k" = 1 ]; then
     runc --root "$work/runc" run -d -b "$work/b" --pid-file "$work/runc.pid" memref >>"$BENCH_CMD_LOG" 2>&1 </dev/null
