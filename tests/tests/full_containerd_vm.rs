@@ -174,4 +174,35 @@ fn ctr_runs_tasks_in_microvms() {
 
     step("nothing left after kill and delete");
     c.assert_clean();
+
+    // As CNI gives it: the task's spec names a network namespace path, and the guest
+    // interface gets that namespace's address, route and MTU (a NIC: a cold boot).
+    step("ctr run --with-ns network:PATH: the VM task has its namespace's network");
+    let (a, _b) = husk_tests::netns::pair("ctn");
+    let with_ns = format!("network:{}", a.path().display());
+    let out = ctr(
+        &c,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--with-ns",
+            &with_ns,
+            IMAGE,
+            "vmnet",
+            "sh",
+            "-c",
+            "ifconfig vA; ip route; ping -c 1 -W 30 10.200.0.2 >/dev/null && echo peer-answers",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", text(&out), c.log());
+    assert!(stdout.contains("inet addr:10.200.0.1"), "{stdout}");
+    assert!(stdout.contains("MTU:1400"), "{stdout}");
+    assert!(stdout.contains("default via 10.200.0.2 dev vA"), "{stdout}");
+    assert!(stdout.contains("peer-answers"), "{stdout}");
+    step("nothing left after the networked task: no tap, no filter");
+    a.assert_clean("vA");
+    c.assert_clean();
 }
