@@ -182,9 +182,8 @@ fn lifecycle_exec_kill_delete_in_the_docker_call_sequence() {
         "a second start must fail"
     );
 
-    let out = h.run_for(
+    let out = h.exec_for(
         &[
-            "exec",
             id,
             "sh",
             "-c",
@@ -241,7 +240,7 @@ fn lifecycle_exec_kill_delete_in_the_docker_call_sequence() {
     h.must(&argv(&docker(&["resume", id])), CALL_TIMEOUT);
     let st = h.state(id, CALL_TIMEOUT);
     assert_eq!(st["status"], "running", "{st}");
-    let out = h.run_for(&["exec", id, "echo", "resumed"], CALL_TIMEOUT);
+    let out = h.exec_for(&[id, "echo", "resumed"], CALL_TIMEOUT);
     assert_eq!(out.stdout, "resumed\n", "{out:?}");
 
     // A container init ignores an unhandled SIGTERM: Docker follows with SIGKILL.

@@ -211,9 +211,8 @@ fn vmm_daemon_is_confined_and_inspect_reports_it() {
 
     step("the container cannot see a host file outside its share");
     let m = marker.to_str().unwrap();
-    let out = h.run_for(
+    let out = h.exec_for(
         &[
-            "exec",
             id,
             "sh",
             "-c",

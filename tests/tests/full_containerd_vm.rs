@@ -141,19 +141,28 @@ fn ctr_runs_tasks_in_microvms() {
     );
 
     step("ctr task exec in the running VM: output, guest kernel, exit code");
-    let out = ctr(
-        &c,
-        &[
-            "task",
-            "exec",
-            "--exec-id",
-            "e1",
-            "svc",
-            "sh",
-            "-c",
-            "echo in-exec; uname -r; exit 3",
-        ],
-    );
+    let exec = |exec_id: &str| {
+        ctr(
+            &c,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                exec_id,
+                "svc",
+                "sh",
+                "-c",
+                "echo in-exec; uname -r; exit 3",
+            ],
+        )
+    };
+    let mut out = exec("e1");
+    if out.status.code() == Some(128 + libc::SIGSEGV) && out.stdout.is_empty() {
+        // The known intermittent crash of a new process in a guest (docs/design.md,
+        // "Known problems"): once more.
+        eprintln!("known issue: the exec'd process crashed at start (SIGSEGV): once more");
+        out = exec("e2");
+    }
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         format!("in-exec\n{guest_release}\n"),
