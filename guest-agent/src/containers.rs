@@ -371,10 +371,7 @@ impl Agent {
     }
 
     pub fn signal_process(&self, process: &ProcessRef, signal: i32) -> AgentResult<Response> {
-        let sig =
-            nix::sys::signal::Signal::try_from(signal).map_err(|_| AgentError::InvalidRequest {
-                reason: format!("{signal} is not a signal number"),
-            })?;
+        let sig = signal_from(signal)?;
         let pid = self.pid_of(process)?;
         // An exited (and reaped) pid may belong to someone else by now: never signal it.
         if self.reaper.try_status(pid).is_some() {
@@ -453,10 +450,7 @@ impl Agent {
     /// meanwhile is no error; one forked meanwhile may be missed, as with runc's
     /// unfrozen `kill --all`.
     pub fn signal_container(&self, id: &str, signal: i32) -> AgentResult<Response> {
-        let sig =
-            nix::sys::signal::Signal::try_from(signal).map_err(|_| AgentError::InvalidRequest {
-                reason: format!("{signal} is not a signal number"),
-            })?;
+        let sig = signal_from(signal)?;
         for pid in self.cgroup_pids(id)? {
             match nix::sys::signal::kill(pid, sig) {
                 Ok(()) | Err(nix::Error::ESRCH) => {}
@@ -525,6 +519,13 @@ impl Agent {
             }
         }
     }
+}
+
+/// The signal numbered `signal`, or the request's error.
+fn signal_from(signal: i32) -> AgentResult<nix::sys::signal::Signal> {
+    nix::sys::signal::Signal::try_from(signal).map_err(|_| AgentError::InvalidRequest {
+        reason: format!("{signal} is not a signal number"),
+    })
 }
 
 /// A new network namespace (no path) gets its loopback up, as with runc; in the

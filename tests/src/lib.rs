@@ -4,5 +4,6 @@ pub mod cli;
 pub mod engines;
 pub mod guest_asm;
 pub mod netns;
+pub mod procfs;
 pub mod vm_lock;
 pub mod vmm;

@@ -21,28 +21,10 @@ impl Ns {
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run("ip", &["netns", "add", &name]);
         // Only the test's frames: no IPv6 autoconfiguration chatter.
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &name,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.disable_ipv6=1",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &name,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ],
-        );
+        for scope in ["all", "default"] {
+            let key = format!("net.ipv6.conf.{scope}.disable_ipv6=1");
+            run("ip", &["netns", "exec", &name, "sysctl", "-qw", &key]);
+        }
         Self(name)
     }
 
@@ -115,6 +97,18 @@ pub fn run(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Gives an interface in `a` the name husk's tap would take (a veth whose peer lives in
+/// `b`), so creating the tap there fails.
+pub fn occupy_tap_name(a: &Ns, b: &Ns) {
+    run(
+        "ip",
+        &[
+            "link", "add", TAP_NAME, "netns", &a.0, "type", "veth", "peer", "name", "other0",
+            "netns", &b.0,
+        ],
+    );
 }
 
 /// A and B joined by a veth pair; A also has a default route via B.

@@ -5,17 +5,10 @@
 use std::time::Duration;
 
 use husk_tests::cli::{bundle, edit_config, Guest, Husk};
+use husk_tests::procfs::status_field;
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn status_field(pid: i64, key: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-}
 
 #[test]
 fn inspect_reports_a_plain_container_from_proc() {
@@ -41,7 +34,7 @@ fn inspect_reports_a_plain_container_from_proc() {
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert_eq!(r["kernel"]["host"], host.trim());
     assert!(r["kernel"]["guest"].is_null());
-    let uid: i64 = status_field(pid, "Uid")
+    let uid: i64 = status_field(&pid.to_string(), "Uid")
         .split_whitespace()
         .nth(1)
         .unwrap()
@@ -49,7 +42,7 @@ fn inspect_reports_a_plain_container_from_proc() {
         .unwrap();
     assert_eq!(r["process"]["uid"], uid);
     for (key, field) in [("cap_eff", "CapEff"), ("cap_bnd", "CapBnd")] {
-        let proc = u64::from_str_radix(&status_field(pid, field), 16).unwrap();
+        let proc = u64::from_str_radix(&status_field(&pid.to_string(), field), 16).unwrap();
         assert_eq!(r["process"][key], proc, "{key}");
     }
     // The bundle's default profile-less config still gets its own namespaces.

@@ -19,6 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use husk_tests::cli::{bundle, reap, reap_orphans, Guest, Husk};
+use husk_tests::procfs::status_field;
 use husk_tests::vm_lock;
 use serde_json::Value;
 
@@ -30,15 +31,6 @@ fn step(name: &str) {
 }
 
 /// One line of `/proc/<path>/status`, e.g. `Seccomp`.
-fn status_field(path: &str, key: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{path}/status"))
-        .unwrap_or_else(|e| panic!("/proc/{path}/status: {e}"));
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_else(|| panic!("no {key} in /proc/{path}/status"))
-}
-
 fn rss_kib(pid: i64) -> i64 {
     status_field(&pid.to_string(), "VmRSS")
         .trim_end_matches("kB")

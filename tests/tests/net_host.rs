@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use husk::net::{NetError, NetnsAttachment, NetnsError, TAP_NAME};
 use husk::vmm::devices::virtio::net::Tap;
 use husk_protocol::messages::{Ipv4Net, Ipv4Route};
-use husk_tests::netns::{pair, run, Ns};
+use husk_tests::netns::{occupy_tap_name, pair, Ns};
 
 const VNET_HDR_LEN: usize = 12;
 
@@ -220,13 +220,7 @@ fn no_interface_or_several_are_errors_naming_them() {
 fn a_tap_that_cannot_be_created_leaves_nothing_and_touches_nothing() {
     let (a, b) = pair("busy");
     // Someone else's interface already has the tap's name (its peer lives in B).
-    run(
-        "ip",
-        &[
-            "link", "add", TAP_NAME, "netns", &a.0, "type", "veth", "peer", "name", "other0",
-            "netns", &b.0,
-        ],
-    );
+    occupy_tap_name(&a, &b);
     let err = NetnsAttachment::create(&a.path()).unwrap_err();
     assert!(matches!(err, NetError::Tap { .. }), "{err}");
     assert!(err.to_string().contains(TAP_NAME), "{err}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use husk::net::guest::{cleanup, AttachRecord};
 use husk::net::{NetnsAttachment, TAP_NAME};
 use husk_tests::cli::{bundle, edit_config, Guest, Husk};
-use husk_tests::netns::{pair, run};
+use husk_tests::netns::{occupy_tap_name, pair};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -46,13 +46,7 @@ fn a_missing_network_namespace_fails_create_naming_it() {
 fn a_tap_that_cannot_be_created_fails_create_and_leaves_no_filter() {
     let (a, b) = pair("vmtap");
     // Someone else's interface has the tap's name.
-    run(
-        "ip",
-        &[
-            "link", "add", TAP_NAME, "netns", &a.0, "type", "veth", "peer", "name", "other0",
-            "netns", &b.0,
-        ],
-    );
+    occupy_tap_name(&a, &b);
     let mut husk = Husk::new(Guest::MicroVm);
     let bundle = bundle_in(a.path().to_str().unwrap());
     let err = create_fails(&mut husk, &bundle, "net-busy");

@@ -4,13 +4,7 @@ use std::process::ExitCode;
 
 use husk::sandbox::lifecycle;
 
-use super::Global;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Table,
-    Json,
-}
+use super::{Format, Global};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

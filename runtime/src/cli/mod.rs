@@ -43,6 +43,14 @@ struct Cli {
 }
 
 /// Flags every subcommand shares (runc's, plus husk's).
+/// `--format` of the commands that print either a table for people or JSON for tools
+/// (`list`, `ps`, `inspect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Global {
     /// Directory for the containers' state

@@ -428,12 +428,7 @@ fn set_rlimits(sys: &dyn Sys, config: &JailConfig) -> Result<(), JailError> {
 fn drop_privileges(sys: &dyn Sys, config: &JailConfig, last_cap: u32) -> Result<(), JailError> {
     let path = Path::new("capabilities");
     // The bounding set can only shrink while CAP_SETPCAP is held: before the uid change.
-    for cap in 0..=last_cap {
-        sys.drop_bounding_cap(cap)
-            .map_err(step("drop a bounding capability", path))?;
-    }
-    sys.clear_ambient_caps()
-        .map_err(step("clear ambient capabilities", path))?;
+    drop_bounding_and_ambient(sys, last_cap)?;
     sys.set_ids(config.uid, config.gid)
         .map_err(step("switch to the jail user", path))?;
     // setresuid away from 0 clears permitted/effective; capset makes sure of all three.
@@ -454,14 +449,20 @@ pub fn drop_thread_capabilities() -> Result<(), JailError> {
         "read cap_last_cap",
         Path::new("/proc/sys/kernel/cap_last_cap"),
     ))?;
+    drop_bounding_and_ambient(&sys, last_cap)?;
+    sys.clear_caps()
+        .map_err(step("clear capabilities", Path::new("capabilities")))
+}
+
+/// Empties the bounding set (capabilities 0 to `last_cap`) and the ambient set.
+fn drop_bounding_and_ambient(sys: &dyn Sys, last_cap: u32) -> Result<(), JailError> {
     let path = Path::new("capabilities");
     for cap in 0..=last_cap {
         sys.drop_bounding_cap(cap)
             .map_err(step("drop a bounding capability", path))?;
     }
     sys.clear_ambient_caps()
-        .map_err(step("clear ambient capabilities", path))?;
-    sys.clear_caps().map_err(step("clear capabilities", path))
+        .map_err(step("clear ambient capabilities", path))
 }
 
 /// The jail's process-wide rlimits for a daemon that is not jailed: no core file (guest

@@ -202,17 +202,21 @@ impl VmSandbox {
     /// A control connection straight to the sandbox's agent, for the requests the
     /// daemon has no part in (`ps`, `update`, `events --stats`). A paused guest cannot
     /// answer, so those are refused while paused.
+    ///
+    /// `status` is the container's, as the caller read it: the agent answers only for a
+    /// created or running container.
     fn agent(
         &self,
         entry: &Entry,
         op: &'static str,
+        status: Status,
     ) -> Result<husk_protocol::client::AgentClient, SandboxError> {
+        if !matches!(status, Status::Created | Status::Running) {
+            return Err(wrong_status(entry, status, op));
+        }
         let Some(layout) = daemon(entry)?.1 else {
             return Err(wrong_status(entry, Status::Stopped, op));
         };
-        if self.status(entry)?.0 == Status::Paused {
-            return Err(wrong_status(entry, Status::Paused, op));
-        }
         let address = exec::guest_address(&layout.guest_file())
             .map_err(|e| backend_err(entry.id(), op, e))?;
         husk_protocol::client::AgentClient::connect(&*address.connector())
@@ -302,9 +306,11 @@ impl Sandbox for VmSandbox {
             guest: guest_kind(
                 id,
                 &opts.guest_artifacts,
-                (!opts.no_template)
-                    .then(|| entry.dir().parent().map(|root| root.join(TEMPLATES_DIR)))
-                    .flatten(),
+                entry
+                    .dir()
+                    .parent()
+                    .filter(|_| !opts.no_template)
+                    .map(|root| root.join(TEMPLATES_DIR)),
             )?,
             jail: false,
             seccomp: opts.seccomp.to_string(),
@@ -441,10 +447,11 @@ impl Sandbox for VmSandbox {
     fn pids(&self, entry: &Entry) -> Result<Vec<i32>, SandboxError> {
         // The container's processes live in the guest: these are their pids there (as
         // Kata reports them), read from the container's cgroup by the agent.
-        if self.status(entry)?.0 == Status::Stopped {
+        let (status, _) = self.status(entry)?;
+        if status == Status::Stopped {
             return Ok(Vec::new());
         }
-        self.agent(entry, "ps")?
+        self.agent(entry, "ps", status)?
             .list_processes(entry.id())
             .map_err(|e| backend_err(entry.id(), "ps", e))
     }
@@ -458,7 +465,8 @@ impl Sandbox for VmSandbox {
     }
 
     fn stats(&self, entry: &Entry) -> Result<serde_json::Value, SandboxError> {
-        self.agent(entry, "events")?
+        let (status, _) = self.status(entry)?;
+        self.agent(entry, "events", status)?
             .stats(entry.id())
             .map_err(|e| backend_err(entry.id(), "events", e))
     }
@@ -467,10 +475,7 @@ impl Sandbox for VmSandbox {
         // The limits apply to the container's cgroup inside the guest; the VM's own size
         // (memory, vCPUs) is fixed at boot.
         let (status, _) = self.status(entry)?;
-        if !matches!(status, Status::Created | Status::Running) {
-            return Err(wrong_status(entry, status, "update"));
-        }
-        self.agent(entry, "update")?
+        self.agent(entry, "update", status)?
             .update_container(entry.id(), resources.clone())
             .map_err(|e| backend_err(entry.id(), "update", e))
     }

@@ -75,6 +75,8 @@ pub enum GuestVmError {
     Hung(Duration),
     /// the agent: {0}
     Agent(#[from] ClientError),
+    /// {0}
+    Refresh(#[from] template::RefreshError),
 }
 
 // Boxed: these are large, and errors travel through many `Result`s.

@@ -62,22 +62,29 @@ pub fn save(vm: &Vm, path: &Path) -> Result<(), RunError> {
     })
 }
 
+/// Errors refreshing a restored guest.
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum RefreshError {
+    /// reading entropy for the restored guest from /dev/urandom failed: {0}
+    Entropy(#[source] std::io::Error),
+    /// giving the restored guest its clock and entropy failed: {0}
+    Agent(#[from] ClientError),
+}
+
 /// Gives a freshly restored guest the host's time and its own entropy.
-pub fn refresh(agent: &mut AgentClient) -> Result<(), ClientError> {
+pub fn refresh(agent: &mut AgentClient) -> Result<(), RefreshError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    agent.refresh_after_restore(now.as_nanos() as u64, host_entropy())
+    let entropy = host_entropy().map_err(RefreshError::Entropy)?;
+    Ok(agent.refresh_after_restore(now.as_nanos() as u64, entropy)?)
 }
 
-fn host_entropy() -> Vec<u8> {
+/// Bytes from the host's generator (/dev/urandom: it does not block once seeded).
+fn host_entropy() -> std::io::Result<Vec<u8>> {
     let mut bytes = vec![0u8; ENTROPY_BYTES];
-    // /dev/urandom never blocks once the host's generator is seeded, which a host that
-    // runs VMs long since is; failing to read it is not something to boot on without.
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .expect("reading /dev/urandom");
-    bytes
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -113,7 +120,7 @@ mod tests {
 
     #[test]
     fn each_refresh_gets_its_own_entropy() {
-        let (a, b) = (host_entropy(), host_entropy());
+        let (a, b) = (host_entropy().unwrap(), host_entropy().unwrap());
         assert_eq!(a.len(), ENTROPY_BYTES);
         assert_ne!(a, b);
     }

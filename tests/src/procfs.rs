@@ -1,0 +1,13 @@
+//! `/proc` read the plain way, to check what husk reports against the kernel's own
+//! word (so not through husk's parser).
+
+/// The value of `key:` in `/proc/<path>/status` (`path` is a pid, or `pid/task/tid`),
+/// trimmed.
+pub fn status_field(path: &str, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{path}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{path}/status: {e}"));
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{path}/status"))
+}
