@@ -11,3 +11,12 @@ pub fn status_field(path: &str, key: &str) -> String {
         .map(|v| v.trim().to_string())
         .unwrap_or_else(|| panic!("no {key} in /proc/{path}/status"))
 }
+
+/// The effective uid in `/proc/<path>/status`.
+pub fn effective_uid(path: &str) -> i64 {
+    let uids = status_field(path, "Uid");
+    uids.split_whitespace()
+        .nth(1)
+        .and_then(|uid| uid.parse().ok())
+        .unwrap_or_else(|| panic!("bad Uid line in /proc/{path}/status: {uids:?}"))
+}

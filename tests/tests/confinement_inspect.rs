@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use husk_tests::cli::{bundle, edit_config, Guest, Husk};
-use husk_tests::procfs::status_field;
+use husk_tests::procfs::{effective_uid, status_field};
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,12 +34,7 @@ fn inspect_reports_a_plain_container_from_proc() {
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert_eq!(r["kernel"]["host"], host.trim());
     assert!(r["kernel"]["guest"].is_null());
-    let uid: i64 = status_field(&pid.to_string(), "Uid")
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let uid = effective_uid(&pid.to_string());
     assert_eq!(r["process"]["uid"], uid);
     for (key, field) in [("cap_eff", "CapEff"), ("cap_bnd", "CapBnd")] {
         let proc = u64::from_str_radix(&status_field(&pid.to_string(), field), 16).unwrap();

@@ -117,18 +117,7 @@ impl Runtime {
             .stderr(File::create(&e).unwrap())
             .spawn()
             .unwrap();
-        let start = Instant::now();
-        let code = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status.code();
-            }
-            if start.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let code = husk_tests::cli::wait_child(&mut child, timeout);
         Out {
             code,
             stdout: std::fs::read_to_string(o).unwrap_or_default(),

@@ -19,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use husk_tests::cli::{bundle, reap, reap_orphans, Guest, Husk};
-use husk_tests::procfs::status_field;
+use husk_tests::procfs::{effective_uid, status_field};
 use husk_tests::vm_lock;
 use serde_json::Value;
 
@@ -120,12 +120,7 @@ fn vmm_daemon_is_confined_and_inspect_reports_it() {
     eprintln!("inspect: {}", out.stdout);
     assert_eq!(r["isolation"], "vm");
     assert_eq!(r["process"]["pid"], pid);
-    let uid: i64 = status_field(&pid.to_string(), "Uid")
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let uid = effective_uid(&pid.to_string());
     assert_eq!(r["process"]["uid"], uid);
     for (key, field) in [
         ("cap_eff", "CapEff"),
