@@ -106,6 +106,8 @@ pub struct Agent {
     state_root: PathBuf,
     bundles_root: PathBuf,
     console_root: PathBuf,
+    /// `GLIBC_TUNABLES` to hand on to container processes (see [`crate::vector_state`]).
+    vector_tunables: Option<String>,
     /// `None` while a container with that id is being created.
     containers: Mutex<HashMap<String, Option<ContainerEntry>>>,
 }
@@ -132,8 +134,19 @@ impl Agent {
             state_root,
             bundles_root,
             console_root,
+            vector_tunables: crate::vector_state::inherited_tunables(),
             containers: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Keeps glibc in the process off AVX state the guest kernel cannot save (PVM hosts).
+    fn add_vector_tunables(&self, process: &mut Process) {
+        if self.vector_tunables.is_none() {
+            return;
+        }
+        let mut env = process.env().clone().unwrap_or_default();
+        crate::vector_state::add_tunables(&mut env, self.vector_tunables.as_deref());
+        process.set_env(Some(env));
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<String, Option<ContainerEntry>>> {
@@ -216,6 +229,9 @@ impl Agent {
         if let Some(root) = spec.root_mut() {
             root.set_path(rootfs.to_path_buf());
         }
+        if let Some(process) = spec.process_mut() {
+            self.add_vector_tunables(process);
+        }
         spec.save(bundle.join("config.json"))
             .map_err(|e| AgentError::InvalidSpec { reason: chain(&e) })?;
 
@@ -282,9 +298,10 @@ impl Agent {
         &self,
         container_id: &str,
         exec_id: &str,
-        process: Process,
+        mut process: Process,
         stdio: StdioRequest,
     ) -> AgentResult<Response> {
+        self.add_vector_tunables(&mut process);
         let terminal = process.terminal().unwrap_or(false);
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(AgentError::InvalidSpec {

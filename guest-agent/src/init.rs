@@ -206,6 +206,9 @@ pub fn prepare_guest() -> Result<(), InitError> {
     root_off_initramfs()?;
     mount_base()?;
     nix::unistd::sethostname(HOSTNAME).map_err(InitError::Hostname)?;
+    log(&crate::vector_state::report(
+        crate::vector_state::inherited_tunables().as_deref(),
+    ));
     loopback_up()
 }
 

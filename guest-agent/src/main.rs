@@ -19,6 +19,7 @@ mod server;
 mod share;
 mod stdio;
 mod transport;
+mod vector_state;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -48,11 +48,15 @@ impl HostMode {
     }
 }
 
-/// Measured on PVM hosts (shared/substrate.md): the guest kernel runs with `noxsave`, so
-/// it saves only FXSAVE state on a context switch while guest user code still sees AVX.
-pub const PVM_VECTOR_STATE_CAVEAT: &str = "PVM host: AVX/AVX-512 register state is not \
-preserved across guest context switches (the guest kernel runs with noxsave); workloads \
-that use AVX in more than one process per vCPU can compute wrong results";
+/// On PVM hosts the guest kernel runs with `noxsave` (its emulator has no xsave/xrstor),
+/// so it saves only x87/SSE state on a context switch while guest user code (native)
+/// still sees AVX enabled. husk turns glibc's AVX code off in the agent and in every
+/// container process (`GLIBC_TUNABLES`, guest-agent/src/vector_state.rs); other AVX users
+/// remain exposed.
+pub const PVM_VECTOR_STATE_CAVEAT: &str = "PVM host: the guest kernel cannot save AVX/AVX-512 \
+register state across context switches (noxsave); husk sets GLIBC_TUNABLES to keep glibc \
+off AVX in every container process that does not set it itself, but other code that uses \
+AVX in more than one process per vCPU (Go, JITs, hand-written SIMD) can compute wrong results";
 
 #[cfg(test)]
 mod tests {

@@ -149,19 +149,11 @@ impl Husk {
         }
     }
 
-    /// `husk exec ARGS`, run once more if the exec'd process died of SIGSEGV before any
-    /// output: the known intermittent crash of a new process in a guest (docs/design.md,
-    /// "Known problems"), which these tests are not about. A second crash reaches the
-    /// caller's checks.
+    /// `husk exec ARGS`.
     pub fn exec_for(&mut self, args: &[&str], timeout: Duration) -> Out {
         let mut full = vec!["exec"];
         full.extend_from_slice(args);
-        let out = self.run_for(&full, timeout);
-        if out.code == Some(128 + libc::SIGSEGV) && out.stdout.is_empty() {
-            eprintln!("known issue: the exec'd process crashed at start (SIGSEGV): once more");
-            return self.run_for(&full, timeout);
-        }
-        out
+        self.run_for(&full, timeout)
     }
 
     /// [`Self::run_for`] that must exit 0.

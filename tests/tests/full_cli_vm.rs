@@ -195,6 +195,16 @@ fn lifecycle_exec_kill_delete_in_the_docker_call_sequence() {
     assert!(out.stdout.starts_with("exec-out "), "{out:?}");
     assert_eq!(out.stderr, "exec-err\n", "{out:?}");
 
+    // On PVM hosts every container process gets glibc's AVX code turned off (the guest
+    // kernel cannot save AVX state there; guest-agent/src/vector_state.rs).
+    if husk::host::HostMode::detect() == husk::host::HostMode::Pvm {
+        let out = h.exec_for(&[id, "sh", "-c", "echo $GLIBC_TUNABLES"], CALL_TIMEOUT);
+        assert!(
+            out.stdout.starts_with("glibc.cpu.hwcaps=-AVX,-AVX2,"),
+            "{out:?}"
+        );
+    }
+
     let exec = docker(&[
         "exec",
         "--process",

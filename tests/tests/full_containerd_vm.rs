@@ -156,13 +156,7 @@ fn ctr_runs_tasks_in_microvms() {
             ],
         )
     };
-    let mut out = exec("e1");
-    if out.status.code() == Some(128 + libc::SIGSEGV) && out.stdout.is_empty() {
-        // The known intermittent crash of a new process in a guest (docs/design.md,
-        // "Known problems"): once more.
-        eprintln!("known issue: the exec'd process crashed at start (SIGSEGV): once more");
-        out = exec("e2");
-    }
+    let out = exec("e1");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         format!("in-exec\n{guest_release}\n"),

@@ -55,7 +55,39 @@ fn boot_until_ready(vcpus: u8, mem_mib: u64) -> String {
         ready.as_millis()
     );
     assert!(text.contains("Run /init"), "console:\n{text}");
+    let text = console_with(&console, "vector state:");
+    assert_vector_state(&text);
     text
+}
+
+/// The console once it holds `needle` (the agent's lines may trail its ready signal
+/// through the UART), or as it is after 60 s.
+fn console_with(console: &SharedBuffer, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = console.text();
+        if text.contains(needle) || std::time::Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// On PVM hosts the guest kernel saves only x87/SSE state, yet user space sees AVX enabled:
+/// the kernel must hand the agent `GLIBC_TUNABLES` turning glibc's AVX code off
+/// (cmdline.pvm, guest-agent/src/vector_state.rs), and the agent reports it.
+fn assert_vector_state(console: &str) {
+    let line = console
+        .lines()
+        .find(|l| l.contains("husk-agent: vector state:"))
+        .unwrap_or_else(|| panic!("the agent reports its vector state:\n{console}"));
+    eprintln!("{line}");
+    if HostMode::detect() == HostMode::Pvm {
+        assert!(
+            line.contains("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,"),
+            "the agent must run with glibc's AVX code off on PVM: {line}"
+        );
+    }
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! booting (design.md, "Fast start").
 //!
 //! A template is keyed by what the guest's state depends on: kernel and initramfs (their
-//! contents), vCPUs, memory, the extra command line and the CPU template. The key names
+//! contents), vCPUs, memory, the command line (husk's own and the extra) and the CPU
+//! template. The key names
 //! the file, `<dir>/<key>.snap`; the snapshot itself carries the VM's full fingerprint,
 //! which the restore checks, so a stale or foreign file is refused and rebuilt.
 //!
@@ -16,9 +17,11 @@ use std::path::{Path, PathBuf};
 
 use husk_protocol::client::{AgentClient, ClientError};
 
+use super::boot::cmdline;
 use super::config::{BootSource, VmConfig};
 use super::snapshot::{fingerprint, SnapshotError};
 use super::vm::{RunError, Vm};
+use crate::host::HostMode;
 
 /// Bytes of host entropy each restored guest gets (the kernel keys its generator with
 /// 32).
@@ -30,11 +33,17 @@ pub fn path_for(dir: &Path, config: &VmConfig) -> Result<PathBuf, SnapshotError>
         BootSource::Linux { cmdline_extra, .. } => cmdline_extra.as_str(),
         _ => "",
     };
+    // husk's own command line too: a changed cmdline.pvm (e.g. the agent's environment)
+    // must not restore a guest booted with the old one.
+    let own = match config.host_mode {
+        HostMode::Pvm => format!("{} {}", cmdline::base(), cmdline::pvm_compat()),
+        _ => cmdline::base().to_string(),
+    };
     let key = fingerprint(
         config.vcpus,
         config.mem_mib,
         &config.boot,
-        &format!("{extra}\0cpu template {:?}", config.cpu_template),
+        &format!("{extra}\0cpu template {:?}\0{own}", config.cpu_template),
     )?;
     Ok(dir.join(format!("{}.snap", key.hex())))
 }
