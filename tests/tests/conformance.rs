@@ -3,12 +3,12 @@
 //! as a reference, so that the suite itself is checked. Each case builds its own bundle
 //! with `husk-rootfs bundle` into a tempdir and uses its own `--root`.
 //!
-//! A subset ([`VM_CASES`]) also runs against `husk --isolation vm`: each of its `run`s
+//! Every case also runs against `husk --isolation vm`: each of its `run`s
 //! and `create`s boots a real microVM (~45-60 s here), under `/tmp/husk-vm.lock`
 //! (`husk_tests::vm_lock`). `HUSK_CONFORMANCE_VM=0` leaves it out, and the summary says so.
 //!
 //! Needs root and the built binaries: `cargo build -p husk -p husk-rootfs`; for the vm
-//! subset also /dev/kvm and `scripts/setup.sh` (guest kernel, initramfs, virtiofsd).
+//! run also /dev/kvm and `scripts/setup.sh` (guest kernel, initramfs, virtiofsd).
 //! Prints `conformance: husk-container N passed, N failed; husk-vm N passed, N failed;
 //! runc N passed, N failed` and fails if any husk case fails.
 
@@ -866,37 +866,11 @@ const CASES: &[Case] = &[
     ("list_and_features", list_and_features, &["ls1"]),
 ];
 
-/// The cases run against `--isolation vm`: all but one. The first sandbox boots cold and
-/// makes the root's guest template, the others start from it (~20 s each here).
-/// Left out: `mounts` (a bind mount of an arbitrary host path has no way into the guest;
-/// only the rootfs and resolv.conf/hosts/hostname are shared).
-const VM_CASES: &[&str] = &[
-    "lifecycle",
-    "exit_code",
-    "hostname",
-    "env",
-    "cwd",
-    "user",
-    "rlimits",
-    "readonly_root",
-    "masked_and_readonly_paths",
-    "seccomp",
-    "kill_signals",
-    "pause_resume",
-    "console_socket",
-    "errors",
-    "delete_leaves_nothing",
-    "list_and_features",
-    "exec",
-    "docker_sequence",
-    "kill_all_and_ps",
-];
-
-/// Runs the cases of `rt` (all, or those named in `subset`); returns (passed, failed).
-fn run_suite(rt: &Runtime, subset: Option<&[&str]>, only: Option<&str>) -> (usize, usize) {
+/// Runs the cases of `rt` (all, or those whose name contains `only`); returns (passed, failed).
+fn run_suite(rt: &Runtime, only: Option<&str>) -> (usize, usize) {
     let (mut passed, mut failed) = (0, 0);
     for (name, case, ids) in CASES {
-        if subset.is_some_and(|s| !s.contains(name)) || only.is_some_and(|o| !name.contains(o)) {
+        if only.is_some_and(|o| !name.contains(o)) {
             continue;
         }
         let started = Instant::now();
@@ -936,17 +910,16 @@ fn conformance() {
         &["--isolation", "container"],
         true,
     );
-    let (hp, hf) = run_suite(&husk_rt, None, only.as_deref());
+    let (hp, hf) = run_suite(&husk_rt, only.as_deref());
     let (vm_summary, vf) = if std::env::var("HUSK_CONFORMANCE_VM").as_deref() == Ok("0") {
         ("husk-vm not run (HUSK_CONFORMANCE_VM=0)".to_string(), 0)
     } else {
         let _vm = husk_tests::vm_lock::hold();
         let vm_rt =
             Runtime::new("husk-vm", husk.clone(), &["--isolation", "vm"], true).with_vm_timeouts();
-        // HUSK_CONFORMANCE_VM=all runs every case on VMs (for the closing figures).
-        let subset =
-            (std::env::var("HUSK_CONFORMANCE_VM").as_deref() != Ok("all")).then_some(VM_CASES);
-        let (vp, vf) = run_suite(&vm_rt, subset, only.as_deref());
+        // Every case: the first sandbox boots cold and makes the root's guest template,
+        // the others start from it (~30 s each here).
+        let (vp, vf) = run_suite(&vm_rt, only.as_deref());
         (format!("husk-vm {vp} passed, {vf} failed"), vf)
     };
     let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
@@ -956,7 +929,7 @@ fn conformance() {
     let runc_summary = match runc {
         Some(bin) => {
             let runc = Runtime::new("runc", bin, &[], false);
-            let (rp, rf) = run_suite(&runc, None, only.as_deref());
+            let (rp, rf) = run_suite(&runc, only.as_deref());
             format!("runc {rp} passed, {rf} failed")
         }
         None => "runc not installed".to_string(),

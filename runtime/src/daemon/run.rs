@@ -142,6 +142,9 @@ fn start(config: &DaemonConfig) -> Result<Running, DaemonError> {
         .as_ref()
         .and_then(|r| r.readonly())
         .unwrap_or(false);
+    if readonly {
+        share::create_mount_points(&config.rootfs, spec.mounts().as_deref().unwrap_or(&[]))?;
+    }
     share::prepare(
         &layout.share_dir(),
         &layout.rootfs_mount(),

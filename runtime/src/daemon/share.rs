@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::Mount;
 
 /// Errors setting up or removing the share.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -28,6 +29,11 @@ pub enum ShareError {
     },
     /// unmounting the rootfs at {path:?} failed ({source}): find what holds it with `fuser -m`, then `husk delete --force` again
     Unmount { path: PathBuf, source: nix::Error },
+    /// creating the mount point {path:?} in the read-only rootfs failed: {source}
+    MountPoint {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// removing {path:?} failed ({source}): it is not empty, so something is still mounted or was written there; nothing was deleted recursively
     Remove {
         path: PathBuf,
@@ -91,6 +97,76 @@ fn bind(rootfs: &Path, mount_point: &Path, readonly: bool) -> Result<(), ShareEr
     Ok(())
 }
 
+/// Creates the mount points that the spec's mounts need and a read-only rootfs lacks, as
+/// runc does in the rootfs before it remounts it read-only: the guest sees a read-only
+/// rootfs through a read-only bind and cannot create them itself. A destination inside
+/// another mount's destination (`/dev/pts` in the `/dev` tmpfs) is the guest's to create;
+/// a path through a symlink is left alone (it could lead out of the rootfs), so the
+/// container runtime in the guest reports it. Returns what was created (left in place, as
+/// runc leaves its mount points).
+pub fn create_mount_points(rootfs: &Path, mounts: &[Mount]) -> Result<Vec<PathBuf>, ShareError> {
+    let mut created = Vec::new();
+    for m in mounts {
+        let dest = m.destination();
+        let nested = mounts.iter().any(|other| {
+            let o = other.destination();
+            o != dest && dest.starts_with(o)
+        });
+        if !dest.is_absolute() || nested {
+            continue;
+        }
+        created.extend(create_mount_point(rootfs, dest, is_file_bind(m))?);
+    }
+    Ok(created)
+}
+
+/// A bind mount of a regular file needs a file as its mount point.
+fn is_file_bind(m: &Mount) -> bool {
+    let bind = m.typ().as_deref() == Some("bind")
+        || m.options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
+    bind && m.source().as_ref().is_some_and(|s| s.is_file())
+}
+
+/// Walks `dest` below `rootfs` component by component, creating what is missing.
+fn create_mount_point(
+    rootfs: &Path,
+    dest: &Path,
+    file: bool,
+) -> Result<Option<PathBuf>, ShareError> {
+    let parts: Vec<_> = dest
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    let mut path = rootfs.to_path_buf();
+    for (i, part) in parts.iter().enumerate() {
+        path.push(part);
+        let last = i + 1 == parts.len();
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => return Ok(None),
+            Ok(meta) if meta.is_dir() || last => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let made = if last && file {
+                    std::fs::File::create(&path).map(drop)
+                } else {
+                    std::fs::create_dir(&path)
+                };
+                made.map_err(|source| ShareError::MountPoint {
+                    path: path.clone(),
+                    source,
+                })?;
+                if last {
+                    return Ok(Some(path));
+                }
+            }
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
 /// Is `path` a mount point? (Its device differs from its parent's, or it is listed.)
 fn is_mounted(path: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -130,4 +206,66 @@ pub fn remove(share_dir: &Path, mount_point: &Path) -> Result<(), ShareError> {
         };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use oci_spec::runtime::MountBuilder;
+
+    use super::*;
+
+    fn mount(dest: &str, typ: &str, source: &Path, options: &[&str]) -> Mount {
+        MountBuilder::default()
+            .destination(dest)
+            .typ(typ)
+            .source(source)
+            .options(options.iter().map(|o| o.to_string()).collect::<Vec<_>>())
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn missing_mount_points_are_created_like_runc_does() {
+        let root = tempfile::tempdir().unwrap();
+        let host = tempfile::tempdir().unwrap();
+        let file = host.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        std::fs::create_dir(root.path().join("dev")).unwrap();
+        let mounts = [
+            mount("/mnt/data", "tmpfs", Path::new("tmpfs"), &[]),
+            mount("/dev", "tmpfs", Path::new("tmpfs"), &[]),
+            mount("/dev/pts", "devpts", Path::new("devpts"), &[]),
+            mount("/etc/f", "bind", &file, &["rbind"]),
+        ];
+        let created = create_mount_points(root.path(), &mounts).unwrap();
+        assert!(root.path().join("mnt/data").is_dir());
+        assert!(
+            root.path().join("etc/f").is_file(),
+            "a file bind needs a file"
+        );
+        assert!(
+            !root.path().join("dev/pts").exists(),
+            "inside the /dev tmpfs: the guest's to create"
+        );
+        assert_eq!(
+            created,
+            [root.path().join("mnt/data"), root.path().join("etc/f")]
+        );
+        // Existing paths are left alone; a second call creates nothing.
+        assert!(create_mount_points(root.path(), &mounts)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_symlink_in_the_path_is_not_followed_out_of_the_rootfs() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("evil")).unwrap();
+        let mounts = [mount("/evil/x", "tmpfs", Path::new("tmpfs"), &[])];
+        assert!(create_mount_points(root.path(), &mounts)
+            .unwrap()
+            .is_empty());
+        assert!(!outside.path().join("x").exists());
+    }
 }
