@@ -369,6 +369,42 @@ fn mounts(rt: &Runtime) -> CaseResult {
     Ok(())
 }
 
+fn bind_mounts(rt: &Runtime) -> CaseResult {
+    // Host directories bound into the container (`docker run -v`): read-write and
+    // read-only; in a VM they travel through the sandbox's virtio-fs share.
+    let rw = tempfile::tempdir().unwrap();
+    let ro = tempfile::tempdir().unwrap();
+    std::fs::write(rw.path().join("in"), "from-host\n").unwrap();
+    std::fs::write(ro.path().join("in"), "read-only\n").unwrap();
+    let (rw_path, ro_path) = (rw.path().to_owned(), ro.path().to_owned());
+    let b = sh_with(
+        "cat /data/in /ro/in && echo from-container > /data/out && \
+         (echo x > /ro/x 2>/dev/null && echo ro-writable || echo ro-refused)",
+        |c| {
+            let mounts = c["mounts"].as_array_mut().unwrap();
+            mounts.push(json!({"destination": "/data", "type": "bind",
+                "source": rw_path, "options": ["rbind", "rw"]}));
+            mounts.push(json!({"destination": "/ro", "type": "bind",
+                "source": ro_path, "options": ["rbind", "ro"]}));
+        },
+    );
+    let out = rt.run_bundle(&b, "bm");
+    check!(
+        out.ok() && out.stdout == "from-host\nread-only\nro-refused\n",
+        "{out}"
+    );
+    let written = std::fs::read_to_string(rw.path().join("out")).unwrap_or_default();
+    check!(
+        written == "from-container\n",
+        "the container's write did not reach the host directory: {written:?}"
+    );
+    check!(
+        !ro.path().join("x").exists(),
+        "a write through the read-only bind reached the host"
+    );
+    Ok(())
+}
+
 fn masked_and_readonly_paths(rt: &Runtime) -> CaseResult {
     let b = sh_with(
         "test -s /proc/kcore && echo kcore-visible; ls /proc/acpi 2>/dev/null | wc -l; \
@@ -841,6 +877,7 @@ const CASES: &[Case] = &[
     ("rlimits", rlimits, &["rl"]),
     ("readonly_root", readonly_root, &["ro", "rw"]),
     ("mounts", mounts, &["mnt"]),
+    ("bind_mounts", bind_mounts, &["bm"]),
     (
         "masked_and_readonly_paths",
         masked_and_readonly_paths,

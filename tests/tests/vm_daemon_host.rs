@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::time::{Duration, Instant};
 
-use husk_tests::cli::{cmdline, reap, writable_bundle as bundle, Guest, Husk};
+use husk_tests::cli::{cmdline, edit_config, reap, writable_bundle as bundle, Guest, Husk};
 use nix::unistd::Pid;
 use serde_json::Value;
 
@@ -87,6 +87,48 @@ fn create_start_exit_code_stdio_and_share() {
     assert!(
         b.path().join("rootfs/bin/busybox").exists(),
         "delete must not touch the bundle"
+    );
+    h.assert_nothing_left();
+}
+
+#[test]
+fn host_bind_mounts_go_through_the_share_and_delete_undoes_them() {
+    let mut h = Husk::new(Guest::HostAgent);
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("in"), "from-host\n").unwrap();
+    let b = bundle("cat /data/in; echo from-container > /data/out; sleep 100");
+    let source = host.path().to_owned();
+    edit_config(b.path(), |c| {
+        c["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/data", "type": "bind", "source": source, "options": ["rbind"]
+        }))
+    });
+    let bb = b.path().to_str().unwrap();
+    h.must(&["create", "--bundle", bb, "bm1"], T);
+    h.track(&["bm1"]);
+    // Bound into the share, where the guest finds it, and the spec says so.
+    let point = h.root().join("bm1/share/bm1/mounts");
+    let bound: Vec<_> = std::fs::read_dir(&point).unwrap().flatten().collect();
+    assert_eq!(bound.len(), 1, "one host bind mount in {point:?}");
+    assert_eq!(
+        std::fs::read_to_string(bound[0].path().join("in")).unwrap(),
+        "from-host\n"
+    );
+    h.must(&["start", "bm1"], T);
+    let deadline = Instant::now() + T;
+    while !host.path().join("out").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("out")).unwrap_or_default(),
+        "from-container\n"
+    );
+    h.must(&["delete", "--force", "bm1"], T);
+    assert!(!point.exists(), "delete must unmount and remove {point:?}");
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("in")).unwrap(),
+        "from-host\n",
+        "delete must not touch the host directory"
     );
     h.assert_nothing_left();
 }

@@ -91,10 +91,17 @@ fn guest_spec(
     layout: &Layout,
     spec: &mut oci_spec::runtime::Spec,
 ) -> Result<Option<PathBuf>, DaemonError> {
+    let host_mounts = share::mounts_dir(&layout.rootfs_mount());
     match config.guest {
-        GuestKind::HostAgent { .. } => Ok(None),
+        // The host agent sees the share where it is on the host.
+        GuestKind::HostAgent { .. } => {
+            share::bind_host_mounts(spec, &host_mounts, &host_mounts)?;
+            Ok(None)
+        }
         GuestKind::Vm { .. } => {
-            let in_guest = Path::new(GUEST_SHARE_DIR).join(&config.id).join("etc");
+            let in_guest = Path::new(GUEST_SHARE_DIR).join(&config.id);
+            share::bind_host_mounts(spec, &host_mounts, &in_guest.join("mounts"))?;
+            let in_guest = in_guest.join("etc");
             Ok(crate::net::guest::prepare_spec(
                 spec,
                 &layout.name_files(),

@@ -1,6 +1,8 @@
 //! The per-sandbox share: `<entry>/share/` goes to the guest over virtio-fs, and the
 //! bundle's rootfs is bind-mounted at `share/<id>/rootfs` (read-only when
-//! `root.readonly`), which the agent uses as the container's rootfs.
+//! `root.readonly`), which the agent uses as the container's rootfs. The spec's bind
+//! mounts of host paths are bound at `share/<id>/mounts/<n>` and their sources rewritten
+//! to where the guest sees them (as Kata shares volumes), so `-v /host:/ctr` works in a VM.
 //!
 //! Removal never recurses through the mount point: after the unmount the directories
 //! are removed one by one with `rmdir`, so a mount that is somehow still there makes
@@ -9,7 +11,9 @@
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use oci_spec::runtime::Mount;
+use oci_spec::runtime::{Mount, Spec};
+
+use crate::net::guest::NAME_FILES;
 
 /// Errors setting up or removing the share.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -29,6 +33,12 @@ pub enum ShareError {
     },
     /// unmounting the rootfs at {path:?} failed ({source}): find what holds it with `fuser -m`, then `husk delete --force` again
     Unmount { path: PathBuf, source: nix::Error },
+    /// the bind mount onto {destination} names source {path:?}, which cannot be used ({source}); fix mounts[].source in config.json
+    BindSource {
+        destination: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// creating the mount point {path:?} in the read-only rootfs failed: {source}
     MountPoint {
         path: PathBuf,
@@ -62,6 +72,7 @@ pub fn prepare(
     bound
 }
 
+/// Binds `rootfs` (or any host path) at `mount_point`, private, read-only if asked.
 fn bind(rootfs: &Path, mount_point: &Path, readonly: bool) -> Result<(), ShareError> {
     let err = |source| ShareError::Bind {
         from: rootfs.to_path_buf(),
@@ -97,6 +108,68 @@ fn bind(rootfs: &Path, mount_point: &Path, readonly: bool) -> Result<(), ShareEr
     Ok(())
 }
 
+/// Where the host bind mounts of the container whose rootfs is mounted at `rootfs_mount`
+/// are bound: `share/<id>/mounts`.
+pub fn mounts_dir(rootfs_mount: &Path) -> PathBuf {
+    rootfs_mount.with_file_name("mounts")
+}
+
+/// Makes the spec's bind mounts of host paths reach the guest: each source (a directory
+/// or a file) is bound at `host_dir/<n>` in the share, read-only when the mount is, and
+/// the mount's source becomes `guest_dir/<n>`, where the agent sees it. The name files
+/// are left to `net::guest` (copies), other mounts and relative sources unchanged. On
+/// failure, what was bound stays for [`remove`], which undoes it.
+pub fn bind_host_mounts(
+    spec: &mut Spec,
+    host_dir: &Path,
+    guest_dir: &Path,
+) -> Result<(), ShareError> {
+    let Some(mounts) = spec.mounts_mut().as_mut() else {
+        return Ok(());
+    };
+    for (n, m) in mounts.iter_mut().enumerate() {
+        let destination = m.destination().to_string_lossy().into_owned();
+        if !is_bind(m) || NAME_FILES.contains(&destination.as_str()) {
+            continue;
+        }
+        let Some(source) = m.source().clone().filter(|s| s.is_absolute()) else {
+            continue;
+        };
+        let meta = std::fs::metadata(&source).map_err(|e| ShareError::BindSource {
+            destination: destination.clone(),
+            path: source.clone(),
+            source: e,
+        })?;
+        let point = host_dir.join(n.to_string());
+        let mkdir_err = |source| ShareError::Mkdir {
+            path: point.clone(),
+            source,
+        };
+        std::fs::create_dir_all(host_dir).map_err(mkdir_err)?;
+        if meta.is_dir() {
+            std::fs::create_dir(&point).map_err(mkdir_err)?;
+        } else if meta.is_file() {
+            std::fs::File::create(&point).map_err(mkdir_err)?;
+        } else {
+            continue;
+        }
+        let readonly = m
+            .options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|o| o == "ro"));
+        bind(&source, &point, readonly)?;
+        m.set_source(Some(guest_dir.join(n.to_string())));
+    }
+    Ok(())
+}
+
+fn is_bind(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
+}
+
 /// Creates the mount points that the spec's mounts need and a read-only rootfs lacks, as
 /// runc does in the rootfs before it remounts it read-only: the guest sees a read-only
 /// rootfs through a read-only bind and cannot create them itself. A destination inside
@@ -122,11 +195,7 @@ pub fn create_mount_points(rootfs: &Path, mounts: &[Mount]) -> Result<Vec<PathBu
 
 /// A bind mount of a regular file needs a file as its mount point.
 fn is_file_bind(m: &Mount) -> bool {
-    let bind = m.typ().as_deref() == Some("bind")
-        || m.options()
-            .as_ref()
-            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
-    bind && m.source().as_ref().is_some_and(|s| s.is_file())
+    is_bind(m) && m.source().as_ref().is_some_and(|s| s.is_file())
 }
 
 /// Walks `dest` below `rootfs` component by component, creating what is missing.
@@ -167,6 +236,43 @@ fn create_mount_point(
     Ok(None)
 }
 
+/// Unmounts and removes each `mounts/<n>` (a directory or a file), then `mounts`.
+fn remove_host_mounts(dir: &Path) -> Result<(), ShareError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for point in entries.flatten().map(|e| e.path()) {
+        while is_mounted(&point) {
+            umount2(&point, MntFlags::MNT_DETACH).map_err(|source| ShareError::Unmount {
+                path: point.clone(),
+                source,
+            })?;
+        }
+        let removed = match std::fs::symlink_metadata(&point) {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir(&point),
+            Ok(_) => std::fs::remove_file(&point),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ShareError::Remove {
+                    path: point,
+                    source,
+                })
+            }
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ShareError::Remove {
+            path: dir.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Is `path` a mount point? (Its device differs from its parent's, or it is listed.)
 fn is_mounted(path: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -178,9 +284,10 @@ fn is_mounted(path: &Path) -> bool {
         .any(|mp| mp.replace("\\040", " ") == want)
 }
 
-/// Unmounts the rootfs and removes the share's directories without recursing.
-/// Missing pieces are fine, so it can run after a partial create.
+/// Unmounts the host bind mounts and the rootfs and removes the share's directories
+/// without recursing. Missing pieces are fine, so it can run after a partial create.
 pub fn remove(share_dir: &Path, mount_point: &Path) -> Result<(), ShareError> {
+    remove_host_mounts(&mounts_dir(mount_point))?;
     while is_mounted(mount_point) {
         umount2(mount_point, MntFlags::MNT_DETACH).map_err(|source| ShareError::Unmount {
             path: mount_point.to_path_buf(),
