@@ -2,7 +2,7 @@
 # End to end through the engines, husk vs runc, alternating: `ctr run --rm IMAGE true`
 # (a private containerd; husk through containerd-shim-husk-v2, runc through
 # containerd-shim-runc-v2) and `docker run --rm --network none IMAGE true` (a private
-# dockerd; husk as a runc-compatible runtime, `--add-runtime husk=target/debug/husk`).
+# dockerd; husk as a runc-compatible runtime, `--add-runtime husk=$HUSK_BIN`).
 # husk runs with HUSK_ISOLATION (default container) in both.
 #
 # Then `ctr run --rm` of `true` in a microVM (the shim with the annotation
@@ -23,7 +23,8 @@ vm_runs=${2:-1}
 isolation=${HUSK_ISOLATION:-container}
 image=docker.io/library/husk-busybox:latest
 tar=$BENCH_REPO/target/husk/busybox-oci.tar
-shim=$BENCH_REPO/target/debug/containerd-shim-husk-v2
+# The shim of the same build as HUSK_BIN (it runs the husk next to it).
+shim=$(cd "$(dirname "$HUSK_BIN")" && pwd)/containerd-shim-husk-v2
 work=$(mktemp -d /tmp/husk-bench-eng.XXXXXX)
 export BENCH_CMD_LOG=$work/cmd.log
 ctrd="" dockerd_pid=""

@@ -122,3 +122,14 @@ crun_ns_stop() {
     if [ -n "${CRUN_NS_PID:-}" ]; then kill "$CRUN_NS_PID" 2>/dev/null || true; fi
     CRUN_NS_PID=
 }
+
+# remove_work DIR: removes a bench work directory, unless something is still mounted under
+# it (a sandbox's share bind mounts that its delete did not undo): then it is kept and
+# named, never removed through a live mount.
+remove_work() {
+    if awk -v w="$1/" 'index($2, w) == 1 { found = 1 } END { exit !found }' /proc/mounts; then
+        bench_log "mounts left under $1: not removing it (umount them, then rm -rf it)"
+        return 0
+    fi
+    rm -rf "$1"
+}

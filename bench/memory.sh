@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Memory per running sandbox: K husk vm containers running `sleep` (started one after the
-# other with `husk run -d`), then, per sandbox: the VMM daemon's own RSS (VmRSS - RssShmem), guest
-# memory touched (RssShmem: guest RAM is a shared memfd), and virtiofsd's RSS (all its
-# processes). RSS counts shared pages (binary text) once per process. A runc container
-# running the same `sleep` is measured alongside for scale.
+# Memory per running sandbox: K husk vm containers running `sleep`, started one after the
+# other with `husk run -d` on one fresh --root: the first makes the root's guest template
+# (cold boot, save) and restores from it, every later one restores from the template
+# (how each started is read from its daemon.log and logged). Once all K run, per sandbox:
+# the VMM daemon's own RSS (VmRSS - RssShmem), guest memory touched (RssShmem: guest RAM
+# is a shared memfd, also when restored: the snapshot's pages are copied into it for
+# virtiofsd), virtiofsd's RSS (all its processes) and the PSS of both. RSS counts shared
+# pages (binary text) once per process. A runc container running the same `sleep` is
+# measured alongside for scale.
 #
 # Usage: bench/memory.sh K     The caller holds the VM lock (run.sh does).
 set -euo pipefail
@@ -18,7 +22,7 @@ cleanup() {
         "$HUSK_BIN" --root "$work/root" delete --force "$id" >/dev/null 2>&1 || true
     done
     runc --root "$work/runc" delete --force memref >/dev/null 2>&1 || true
-    rm -rf "$work"
+    remove_work "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -33,22 +37,35 @@ descendants() {
 }
 
 key=mem-$k
-# One after the other: 4 guests booting together on 2 PVM cores passed husk's 300 s
-# create timeout.
+# One after the other: 4 cold boots together on 2 PVM cores passed husk's 300 s create
+# timeout; from the template each later start takes seconds.
+if [ "$k" = 1 ]; then
+    how="1 sandbox (restored from the template its create made)"
+else
+    how="$k sandboxes started one after the other (the first made the template, all restored from it), all running"
+fi
 failed=
+starts=()
 for i in $(seq "$k"); do
-    bench_log "starting husk vm sandbox $i/$k (~25 s from the root's template; the first makes it)"
-    if ! "$HUSK_BIN" --root "$work/root" --isolation vm run -d -b "$work/b" --pid-file "$work/pid$i" "m$i" >>"$BENCH_CMD_LOG" 2>&1 </dev/null; then
-        failed="husk run -d --isolation vm failed: $(tail -1 "$BENCH_CMD_LOG")"
+    if [ "$i" = 1 ]; then
+        bench_log "starting husk vm sandbox 1/$k (cold boot + template save + restore, ~1 min)"
+    else
+        bench_log "starting husk vm sandbox $i/$k (from the root's template)"
+    fi
+    if ! t=$(time_ms "$HUSK_BIN" --root "$work/root" --isolation vm run -d -b "$work/b" --pid-file "$work/pid$i" "m$i" </dev/null); then
+        failed="husk run -d --isolation vm failed (sandbox $i of $k): $(tail -1 "$BENCH_CMD_LOG")"
         break
     fi
+    started=$(sed -n 's/.*guest agent ready after .* (\(.*\))$/\1/p' "$work/root/m$i/daemon.log" 2>/dev/null | tail -1)
+    starts+=("m$i: ${started:-?} ($t ms)")
 done
 if [ -n "$failed" ]; then
-    for what in "VMM own RSS" "virtiofsd RSS" "guest memory touched"; do
-        record_na "$key" "$what, $k sandbox(es), per sandbox" husk-vm "$failed"
+    for what in "VMM own RSS" "virtiofsd RSS" "guest memory touched" "PSS of VMM + virtiofsd (guest RAM included)"; do
+        record_na "$key" "$what, $how, per sandbox" husk-vm "$failed"
     done
     exit 0
 fi
+bench_log "all $k running; how each started: ${starts[*]}"
 sleep 3
 own=() vfs=() guest=() pss=()
 # Proportional set size: a page shared by N processes counts 1/N in each, so what the
@@ -57,6 +74,7 @@ pss_kib() { awk '/^Pss:/ { print $2 }' "/proc/$1/smaps_rollup" 2>/dev/null || ec
 for i in $(seq "$k"); do
     d=$(cat "$work/pid$i")
     rss=$(kib VmRSS "$d") shmem=$(kib RssShmem "$d")
+    bench_log "m$i daemon $d: VmRSS $rss kB = RssAnon $(kib RssAnon "$d") + RssFile $(kib RssFile "$d") + RssShmem $shmem"
     own+=("$(( (rss - shmem) / 1024 ))")
     guest+=("$(( shmem / 1024 ))")
     v=0 p=$(pss_kib "$d")
@@ -69,10 +87,10 @@ for i in $(seq "$k"); do
     vfs+=("$(awk -v v="$v" 'BEGIN { printf "%.1f", v / 1024 }')")
     pss+=("$(awk -v v="$p" 'BEGIN { printf "%.1f", v / 1024 }')")
 done
-record "$key" "VMM own RSS, $k sandbox(es), per sandbox" husk-vm MiB "${own[@]}"
-record "$key" "virtiofsd RSS, $k sandbox(es), per sandbox" husk-vm MiB "${vfs[@]}"
-record "$key" "guest memory touched, $k sandbox(es), per sandbox" husk-vm MiB "${guest[@]}"
-record "$key" "PSS of VMM + virtiofsd (guest RAM included), $k sandbox(es), per sandbox" husk-vm MiB "${pss[@]}"
+record "$key" "VMM own RSS, $how, per sandbox" husk-vm MiB "${own[@]}"
+record "$key" "virtiofsd RSS, $how, per sandbox" husk-vm MiB "${vfs[@]}"
+record "$key" "guest memory touched, $how, per sandbox" husk-vm MiB "${guest[@]}"
+record "$key" "PSS of VMM + virtiofsd (guest RAM included), $how, per sandbox" husk-vm MiB "${pss[@]}"
 
 if [ "$k" = 1 ]; then
     runc --root "$work/runc" run -d -b "$work/b" --pid-file "$work/runc.pid" memref >>"$BENCH_CMD_LOG" 2>&1 </dev/null

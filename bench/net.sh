@@ -28,7 +28,7 @@ cleanup() {
     runc --root "$work/runc" delete --force bench-net >/dev/null 2>&1 || true
     ip netns del "$ns_a" 2>/dev/null || true
     ip netns del "$ns_b" 2>/dev/null || true
-    rm -rf "$work"
+    remove_work "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

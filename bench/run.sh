@@ -8,12 +8,17 @@
 #   --quick     a few minutes: fewer runs; of the VM rows only one cold boot
 #   --out FILE  where to write the Markdown report (default docs/perf.md)
 #   --render TSV  measure nothing: render a results file kept by an earlier run
+# Environment: HUSK_BIN, the husk to measure (default target/debug/husk; e.g.
+#   HUSK_BIN=target/release/husk after `cargo build --release -p husk -p
+#   containerd-shim-husk-v2`: the shim next to it is used too). Each script also runs
+#   alone (see its header); it appends rows to $BENCH_RESULTS when that is set.
 #
 # Measurements (one script each, all sourcing bench/lib.sh):
 #   bench/start.sh     start to first output and full `run` of `true`: husk-vm,
 #                      husk-container, runc, crun (crun in a private mount namespace that
 #                      hides cgroup2's controllers file: see crun_ns_start in lib.sh)
 #   bench/boot.sh      cold boot to agent ready (+ VMM memory during boot), restored start
+#                      (husk create from the root's guest template, the daemon's timer)
 #   bench/memory.sh    memory per running sandbox (VMM, virtiofsd, guest), 1 and 4 sandboxes
 #   bench/engines.sh   `ctr run` and `docker run` end to end, husk vs runc
 #   bench/virtiofs.sh  virtio-fs sequential write/read vs the host
@@ -49,7 +54,30 @@ out=${out:-$BENCH_REPO/docs/perf.md}
 cd "$BENCH_REPO"
 
 commit=$(git rev-parse --short HEAD)
-git diff --quiet HEAD -- runtime guest-agent shim rootfs-builder 2>/dev/null || commit="$commit (+ uncommitted changes in the source)"
+# Uncommitted source changes are in the measured binary only if they are older than it
+# (other engineers edit the same tree while a run is going on).
+changed=$(git diff --name-only HEAD -- runtime guest-agent shim rootfs-builder 2>/dev/null || true)
+if [ -n "$changed" ]; then
+    newer=$(cd "$BENCH_REPO" && for f in $changed; do if [ ! -e "$f" ] || [ "$f" -nt "$HUSK_BIN" ]; then echo "$f"; fi; done)
+    if [ -z "$newer" ]; then
+        commit="$commit (+ uncommitted changes in the source, built into $(basename "$HUSK_BIN"))"
+    elif [ "$(echo "$newer" | wc -l)" = "$(echo "$changed" | wc -l)" ]; then
+        commit="$commit (the tree's uncommitted source changes are all newer than the binary: not in it)"
+    else
+        commit="$commit (+ some uncommitted changes in the source; others are newer than the binary)"
+    fi
+fi
+
+# Which husk build ran (HUSK_BIN, see lib.sh), for the report.
+build_note() {
+    local dir
+    dir=$(basename "$(dirname "$HUSK_BIN")")
+    case "$dir" in
+        release) echo "release build of \`husk\` and its shim (\`target/release\`, HUSK_BIN)" ;;
+        debug) echo "debug build of \`husk\` (\`target/debug\`)" ;;
+        *) echo "\`husk\` from \`$HUSK_BIN\`" ;;
+    esac
+}
 
 # Markdown: one table per group; ratio = median / median of runc (else host) of the same
 # measurement.
@@ -65,7 +93,7 @@ machine's 2 cores during this run (load average before: $load_before, after: $lo
 
 - machine: $(host_note)
 - date: $started; the run took $took min (including any wait for the VM lock)
-- commit: $commit, debug build of \`husk\` (\`target/debug\`)
+- commit: $commit, $(build_note)
 - runc $(runc --version 2>/dev/null | awk 'NR == 1 { print $3 }'), crun $(crun --version 2>/dev/null | awk 'NR == 1 { print $3 }'), containerd $(containerd --version 2>/dev/null | awk '{ print $3 }'), docker $(dockerd --version 2>/dev/null | awk '{ print $3 }' | tr -d ,)
 - guest (husk-vm): 1 vCPU, 128 MiB, the busybox bundle on virtio-fs; PVM host, where every
   guest kernel instruction is emulated (shared/substrate.md): boot takes ~40 s here
@@ -84,7 +112,13 @@ EOF
                     split(row[r], f, "\t"); if (f[1] != k[i]) continue
                     if (f[4] == "n/a") { printf "| %s | %s | n/a: %s | | | |\n", f[2], f[3], f[5]; continue }
                     ratio = ""
-                    if ((f[1], f[2]) in base && base[f[1], f[2]] > 0) ratio = sprintf("%.2f", f[6] / base[f[1], f[2]])
+                    # Two significant digits below 0.1 (virtio-fs and network in the guest
+                    # are thousands of times slower here: 0.00 would hide that).
+                    if ((f[1], f[2]) in base && base[f[1], f[2]] > 0) {
+                        q = f[6] / base[f[1], f[2]]
+                        if (q >= 0.1) ratio = sprintf("%.2f", q)
+                        else { d = 1; while (q * 10 ^ d < 10 && d < 9) d++; ratio = sprintf("%." d "f", q) }
+                    }
                     spread = (f[5] > 1) ? f[7] " - " f[8] : ""
                     printf "| %s | %s | %s %s | %s | %s | %s |\n", f[2], f[3], f[6], f[4], spread, f[5], ratio
                 }
@@ -95,6 +129,7 @@ VM boot|boot-cold boot-restore
 Memory|mem-boot mem-1 mem-4
 Engines end to end (busybox image)|engine-ctr engine-docker
 virtio-fs vs host|vfs-write vfs-read
+Network (container in netns A <-> peer netns B)|net-in net-out net-connect
 EOF
 }
 if [ -n "$render_only" ]; then
@@ -144,14 +179,15 @@ if [ -n "$quick" ]; then
     skipped start-full "full \`run\` of \`true\`" husk-vm
     skipped start-first "start to first output (\`echo ready\`)" husk-vm-cold
     skipped start-full "full \`run\` of \`true\`" husk-vm-cold
-    with_vm_lock bash bench/boot.sh 1
+    with_vm_lock bash bench/boot.sh 1 0
+    skipped boot-restore "restored start to agent ready (\`husk create\`, daemon's timer)" husk-vm
     skipped mem-1 "memory per running sandbox (1 and 4 sandboxes)" husk-vm
     bash bench/engines.sh 3
     skipped vfs-write "virtio-fs sequential write and read vs host" husk-vm
     skipped net-in "TCP throughput and connect latency vs a peer namespace" husk-vm
 else
     bash bench/start.sh 10 3 husk-vm husk-vm-cold husk-container runc crun
-    bash bench/boot.sh 3
+    bash bench/boot.sh 3 5
     bash bench/memory.sh 1
     bash bench/memory.sh 4
     bash bench/engines.sh 10

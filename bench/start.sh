@@ -29,7 +29,7 @@ cleanup() {
         esac
     done >/dev/null 2>&1
     crun_ns_stop
-    rm -rf "$work"
+    remove_work "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
