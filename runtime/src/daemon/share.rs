@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{Mount, Spec};
 
-use crate::net::guest::NAME_FILES;
+use crate::net::guest::{is_bind_mount, NAME_FILES};
 
 /// Errors setting up or removing the share.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -129,7 +129,7 @@ pub fn bind_host_mounts(
     };
     for (n, m) in mounts.iter_mut().enumerate() {
         let destination = m.destination().to_string_lossy().into_owned();
-        if !is_bind(m) || NAME_FILES.contains(&destination.as_str()) {
+        if !is_bind_mount(m) || NAME_FILES.contains(&destination.as_str()) {
             continue;
         }
         let Some(source) = m.source().clone().filter(|s| s.is_absolute()) else {
@@ -163,13 +163,6 @@ pub fn bind_host_mounts(
     Ok(())
 }
 
-fn is_bind(m: &Mount) -> bool {
-    m.typ().as_deref() == Some("bind")
-        || m.options()
-            .as_ref()
-            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
-}
-
 /// Creates the mount points that the spec's mounts need and a read-only rootfs lacks, as
 /// runc does in the rootfs before it remounts it read-only: the guest sees a read-only
 /// rootfs through a read-only bind and cannot create them itself. A destination inside
@@ -195,7 +188,7 @@ pub fn create_mount_points(rootfs: &Path, mounts: &[Mount]) -> Result<Vec<PathBu
 
 /// A bind mount of a regular file needs a file as its mount point.
 fn is_file_bind(m: &Mount) -> bool {
-    is_bind(m) && m.source().as_ref().is_some_and(|s| s.is_file())
+    is_bind_mount(m) && m.source().as_ref().is_some_and(|s| s.is_file())
 }
 
 /// Walks `dest` below `rootfs` component by component, creating what is missing.

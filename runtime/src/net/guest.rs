@@ -17,13 +17,21 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 use serde::{Deserialize, Serialize};
 
 use super::{attach, tc, NetError, Netns, NetnsError};
 
 /// The files a container engine bind-mounts from the host for name resolution.
 pub const NAME_FILES: [&str; 3] = ["/etc/resolv.conf", "/etc/hosts", "/etc/hostname"];
+
+/// A bind mount, by type or by a `bind`/`rbind` option (runc accepts either).
+pub fn is_bind_mount(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
+}
 
 /// The record of an attachment, `<run dir>/net.json`: what `husk delete` removes after
 /// the daemon (which may be confined and unable to run `tc`) has exited.
@@ -94,12 +102,7 @@ fn copy_name_files(
     };
     for mount in mounts.iter_mut() {
         let destination = mount.destination().to_string_lossy().into_owned();
-        let is_bind = mount.typ().as_deref() == Some("bind")
-            || mount
-                .options()
-                .as_ref()
-                .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
-        if !is_bind || !NAME_FILES.contains(&destination.as_str()) {
+        if !is_bind_mount(mount) || !NAME_FILES.contains(&destination.as_str()) {
             continue;
         }
         let Some(source) = mount.source().clone() else {
