@@ -182,15 +182,6 @@ impl Husk {
         }
     }
 
-    /// Reaps exited orphans, but only where tests hold the VM lock one at a time
-    /// ([`Guest::MicroVm`]): `waitpid(-1)` would also take the children of tests running
-    /// in parallel threads (the host-agent tests), whose own waits would then fail.
-    fn reap_orphans(&self) {
-        if self.guest == Guest::MicroVm {
-            reap_orphans();
-        }
-    }
-
     /// Nothing of the sandbox is left: no state dir, mount or process under the root.
     /// Guest templates are a cache of the root, not a sandbox's state, and may stay.
     pub fn assert_nothing_left(&self) {
@@ -207,7 +198,7 @@ impl Husk {
         // them a moment, no more.
         let start = Instant::now();
         loop {
-            self.reap_orphans();
+            reap_orphans();
             let left = processes_naming(&root);
             if left.is_empty() {
                 return;
@@ -230,7 +221,7 @@ impl Drop for Husk {
                 .stderr(Stdio::null())
                 .status();
         }
-        self.reap_orphans();
+        reap_orphans();
     }
 }
 
@@ -277,11 +268,31 @@ pub fn reap(pid: i32, timeout: Duration) -> i32 {
     }
 }
 
-/// Reaps whatever exited among the orphans reparented to this subreaper.
+/// Reaps the husk daemons and exec relays that exited after being reparented to this
+/// subreaper, and nothing else: `waitpid(-1)` would also take the direct children of
+/// tests running in parallel threads, whose own waits would then fail with ECHILD.
 pub fn reap_orphans() {
-    while let Ok(status) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
+    let me = std::process::id();
+    let orphan_names = [
+        husk::daemon::DAEMON_PROCESS_NAME,
+        husk::daemon::EXEC_RELAY_PROCESS_NAME,
+    ];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces, so split at the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let mut rest = stat[close + 1..].split_whitespace();
+        let (state, ppid) = (rest.next(), rest.next().and_then(|p| p.parse::<u32>().ok()));
+        if state == Some("Z") && ppid == Some(me) && orphan_names.contains(&comm) {
+            let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
         }
     }
 }

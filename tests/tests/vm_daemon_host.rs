@@ -55,6 +55,12 @@ fn create_start_exit_code_stdio_and_share() {
         "pid {pid} is not the daemon: {}",
         cmdline(pid)
     );
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(
+        comm.trim(),
+        husk::daemon::DAEMON_PROCESS_NAME,
+        "ps names it"
+    );
     let mount = h.root().join("c1/share/c1/rootfs");
     assert!(
         mount.join("bin/busybox").exists(),
@@ -206,6 +212,12 @@ fn exec_kill_and_dead_daemon() {
         cmdline(exec_pid).contains("exec-relay"),
         "{}",
         cmdline(exec_pid)
+    );
+    let comm = std::fs::read_to_string(format!("/proc/{exec_pid}/comm")).unwrap();
+    assert_eq!(
+        comm.trim(),
+        husk::daemon::EXEC_RELAY_PROCESS_NAME,
+        "ps names it"
     );
     let start = Instant::now();
     while !b.path().join("rootfs/marker").exists() {

@@ -40,10 +40,12 @@ fn exit(code: i32) -> ExitCode {
 }
 
 pub fn daemon(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    husk::daemon::name_process(husk::daemon::DAEMON_PROCESS_NAME);
     Ok(exit(husk::daemon::run::main(&args.config, args.ready_fd)))
 }
 
 pub fn exec_relay(args: ExecRelayArgs) -> anyhow::Result<ExitCode> {
+    husk::daemon::name_process(husk::daemon::EXEC_RELAY_PROCESS_NAME);
     let request = ExecRequest {
         guest_file: args.guest_file,
         container_id: args.id,

@@ -104,3 +104,17 @@ pub(crate) fn io_err<'a>(
 pub(crate) fn agent_err(step: &'static str) -> impl FnOnce(ClientError) -> DaemonError {
     move |source| DaemonError::Agent { step, source }
 }
+
+/// The name `ps` and `top` show for a sandbox's daemon (at most 15 bytes).
+pub const DAEMON_PROCESS_NAME: &str = "husk-daemon";
+/// The name `ps` and `top` show for a detached exec's relay (at most 15 bytes).
+pub const EXEC_RELAY_PROCESS_NAME: &str = "husk-relay";
+
+/// Names this process, so operators (and a subreaper reaping orphans) can tell the
+/// long-lived helpers from the short `husk` commands that started them.
+pub fn name_process(name: &str) {
+    if let Ok(name) = std::ffi::CString::new(name) {
+        // Only cosmetic: a failure leaves the name `husk`.
+        let _ = nix::sys::prctl::set_name(&name);
+    }
+}
