@@ -17,8 +17,13 @@ pub enum HostMode {
 
 impl HostMode {
     /// Detects the mode from `/dev/kvm` and `/sys/module/kvm_pvm`.
+    /// Detected once per process and kept: a jailed vmm has no `/sys`, and its guest
+    /// must get the same command line (and template key) as the launcher computed.
     pub fn detect() -> Self {
-        Self::detect_at(Path::new("/dev/kvm"), Path::new("/sys/module/kvm_pvm"))
+        static MODE: std::sync::OnceLock<HostMode> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| {
+            Self::detect_at(Path::new("/dev/kvm"), Path::new("/sys/module/kvm_pvm"))
+        })
     }
 
     fn detect_at(kvm_dev: &Path, pvm_module: &Path) -> Self {

@@ -8,14 +8,19 @@
 //!    namespaces, root, RSS of the VMM and of virtiofsd) and reports the guest kernel,
 //!    the allowlist sizes and KVM exit counters that grow while the guest runs;
 //! 3. the container in the VM cannot see a host file outside its share;
-//! 4. a syscall outside the control thread's allowlist (a debug-build-only control
-//!    request) kills the daemon with SIGSYS; `husk delete` then leaves nothing.
-//!
-//! Not checked here because it is not built: the jail (non-zero uid, pivot_root, own
-//! namespaces) — see docs/confinement.md.
+//! 4. the vmm is jailed: a non-zero uid (the per-VM one), PID 1 of its own pid
+//!    namespace, its root is the jail directory (same inode; no host /etc), its mount,
+//!    pid, ipc, uts and net namespaces differ from the host's, it sits in its cgroups
+//!    with the memory limit sized from the guest plus the overhead, and its virtiofsd
+//!    runs outside the jail with the host's view of the share;
+//! 5. a syscall outside the control thread's allowlist (a debug-build-only control
+//!    request) kills the daemon with SIGSYS; `husk delete` then leaves nothing: no jail
+//!    directory, no cgroup, no process.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use husk_tests::cli::{bundle, reap, reap_orphans, Guest, Husk};
@@ -196,6 +201,87 @@ fn vmm_daemon_is_confined_and_inspect_reports_it() {
     let exits_before = total_exits(&r);
     assert!(exits_before > 0, "{r}");
 
+    step("the vmm is jailed");
+    let p = pid.to_string();
+    let uid = effective_uid(&p);
+    assert_ne!(uid, 0, "the vmm runs as root");
+    assert_eq!(
+        uid,
+        i64::from(husk::jailer::uid_for(id)),
+        "not the per-VM uid"
+    );
+    let gid = status_field(&p, "Gid");
+    assert_eq!(
+        gid.split_whitespace().nth(1),
+        Some(uid.to_string().as_str()),
+        "gid {gid}"
+    );
+    // PID 1 of its own pid namespace, seen from the host with its host pid.
+    assert_eq!(status_field(&p, "NSpid"), format!("{pid}\t1"));
+    let jail = h.root().join(id).join("vm").join(id).join("jail");
+    let their_root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();
+    let jail_meta = std::fs::metadata(&jail).unwrap();
+    assert_eq!(
+        (their_root.dev(), their_root.ino()),
+        (jail_meta.dev(), jail_meta.ino()),
+        "/proc/{pid}/root is not the jail {}",
+        jail.display()
+    );
+    assert!(Path::new(&format!("/proc/{pid}/root/dev/kvm")).exists());
+    assert!(Path::new(&format!("/proc/{pid}/root/run/control.sock")).exists());
+    for absent in ["etc", "tmp", "proc", "usr"] {
+        assert!(
+            !Path::new(&format!("/proc/{pid}/root/{absent}")).exists(),
+            "/{absent} is in the jail"
+        );
+    }
+    for kind in ["mnt", "pid", "ipc", "uts", "net"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+        let mine = std::fs::read_link(format!("/proc/self/ns/{kind}")).unwrap();
+        assert_ne!(theirs, mine, "the vmm shares the host's {kind} namespace");
+        assert_eq!(
+            r["process"]["namespaces"][kind]["shared_with_host"], false,
+            "{kind}"
+        );
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let cgroup_dirs: Vec<PathBuf> = husk::jailer::cgroup::CONTROLLERS
+        .iter()
+        .map(|c| husk::jailer::cgroup::cgroup_dir(Path::new("/sys/fs/cgroup"), c, id))
+        .collect();
+    for controller in husk::jailer::cgroup::CONTROLLERS {
+        assert!(
+            cgroups
+                .lines()
+                .any(|l| l.contains(controller) && l.ends_with(&format!("/husk/{id}"))),
+            "not in its {controller} cgroup: {cgroups}"
+        );
+    }
+    let limit: u64 = std::fs::read_to_string(cgroup_dirs[1].join("memory.limit_in_bytes"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        limit,
+        (husk::vmm::config::DEFAULT_MEM_MIB << 20) + husk::jailer::cgroup::VMM_MEMORY_OVERHEAD
+    );
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("the VMM is jailed") && notes.contains(&jail.display().to_string()),
+        "inspect notes: {notes}"
+    );
+    // virtiofsd was started before the jail, in the host's view, with its own sandbox.
+    for helper in helpers {
+        let hp = helper.as_i64().unwrap();
+        let their_mnt = std::fs::read_link(format!("/proc/{hp}/ns/mnt")).unwrap();
+        let vmm_mnt = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(
+            their_mnt, vmm_mnt,
+            "virtiofsd {hp} shares the jail's mounts"
+        );
+    }
+
     step("the container cannot see a host file outside its share");
     let m = marker.to_str().unwrap();
     let out = h.exec_for(
@@ -239,7 +325,7 @@ fn vmm_daemon_is_confined_and_inspect_reports_it() {
     assert!(total_exits(&r) > exits_before, "exits did not grow: {r}");
 
     step("a syscall outside the control allowlist kills the daemon");
-    let socket = h.root().join(id).join("run").join("control.sock");
+    let socket = jail.join("run").join("control.sock");
     let mut stream = UnixStream::connect(&socket).unwrap();
     stream.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
     stream
@@ -257,5 +343,8 @@ fn vmm_daemon_is_confined_and_inspect_reports_it() {
     h.must(&["delete", "--force", id], CALL_TIMEOUT);
     reap_orphans();
     h.assert_nothing_left();
+    for dir in &cgroup_dirs {
+        assert!(!dir.exists(), "cgroup {} left", dir.display());
+    }
     std::fs::remove_file(&marker).unwrap();
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use husk::artifacts::Artifact;
 use husk::host::HostMode;
-use husk::vmm::config::FsShareConfig;
+use husk::vmm::config::{FsBackend, FsShareConfig};
 use husk::vmm::config::{VirtioDevicesConfig, VsockDeviceConfig};
 use husk::vmm::devices::serial::SerialDevice;
 use husk::vmm::guest::{GUEST_SHARE_DIR, SHARE_TAG, VIRTIOFSD_SOCKET, VSOCK_SOCKET};
@@ -283,7 +283,7 @@ fn sandbox_config(guest: &Guest, console: &SharedBuffer, run: &Path, share: &Pat
     config.devices.shares.push(FsShareConfig {
         tag: SHARE_TAG.into(),
         dir: share.to_owned(),
-        virtiofsd,
+        backend: FsBackend::Spawn { virtiofsd },
         socket_path: run.join(VIRTIOFSD_SOCKET),
     });
     config

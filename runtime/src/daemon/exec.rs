@@ -92,7 +92,9 @@ fn start(request: &ExecRequest) -> Result<(relay::Relays, AgentClient), DaemonEr
         .and_then(|mut a| a.exec_process(&request.container_id, &request.exec_id, process, stdio))
         .map_err(agent_err("starting the process in the guest"))?;
     let relays = match &request.console_socket {
-        Some(socket) if terminal => relay::attach_pty(&*connector, spawned.stdio, socket)?,
+        Some(socket) if terminal => {
+            relay::attach_pty(&*connector, spawned.stdio, relay::open_console(socket)?)?
+        }
         _ => relay::attach_pipes(&*connector, spawned.stdio)?,
     };
     let waiter = AgentClient::connect(&*connector).map_err(agent_err("connecting to the agent"))?;

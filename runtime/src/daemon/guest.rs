@@ -56,6 +56,21 @@ pub enum GuestAddress {
 }
 
 impl GuestAddress {
+    /// This address as seen by a process whose view of `inside` is `host` (the host's
+    /// view of a jailed vmm's `/run`). Addresses elsewhere are unchanged.
+    pub fn seen_from(&self, inside: &Path, host: &Path) -> Self {
+        let relocate = |path: &Path| match path.strip_prefix(inside) {
+            Ok(rest) => host.join(rest),
+            Err(_) => path.to_path_buf(),
+        };
+        match self {
+            GuestAddress::UnixDir { dir } => GuestAddress::UnixDir { dir: relocate(dir) },
+            GuestAddress::HybridVsock { socket } => GuestAddress::HybridVsock {
+                socket: relocate(socket),
+            },
+        }
+    }
+
     pub fn connector(&self) -> Box<dyn Connector> {
         match self {
             GuestAddress::UnixDir { dir } => Box::new(UnixDirConnector::new(dir)),

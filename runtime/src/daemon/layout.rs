@@ -5,11 +5,18 @@
 //! daemon.log             the daemon's own messages (its stdio is the container's)
 //! vmm.json               the daemon's pid and start time (liveness, pid reuse)
 //! share/                 the virtio-fs share: share/<id>/rootfs = bind of the bundle rootfs
-//! run/                   sockets when not jailed: control.sock, guest.json, agent/, vsock.sock
-//! vm/<id>/jail/run/      the same when jailed (the jail's /run, a host directory)
+//! run/                   sockets when not jailed: control.sock, guest.json, agent/, vsock.sock;
+//!                        always: virtiofsd.sock (+ .pid), net.json (the launcher's, host side)
+//! vm/<id>/jail/          the jail when jailed (`Jail::remove` deletes vm/<id>):
+//! vm/<id>/jail/run/      control.sock, guest.json, vsock.sock (the jail's /run)
 //! ```
 
 use std::path::{Path, PathBuf};
+
+/// The control socket's name in the run directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// How to reach the agent (`GuestAddress` as JSON), in the run directory.
+pub const GUEST_FILE: &str = "guest.json";
 
 /// The paths of one sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,13 +89,30 @@ impl Layout {
         }
     }
 
+    /// Where the unjailed side keeps what needs the host's view: virtiofsd's socket and
+    /// pid file, the network record, the template VM's sockets. The run directory itself
+    /// when not jailed.
+    pub fn host_run_dir(&self) -> PathBuf {
+        self.entry.join("run")
+    }
+
+    /// The pid file virtiofsd writes next to its socket (`husk inspect` finds it there:
+    /// a jailed vmm's virtiofsd is not its child).
+    pub fn virtiofsd_pid_file(&self) -> PathBuf {
+        crate::vmm::devices::virtio::fs::virtiofsd::pid_file(
+            &self
+                .host_run_dir()
+                .join(crate::vmm::guest::VIRTIOFSD_SOCKET),
+        )
+    }
+
     pub fn control_socket(&self) -> PathBuf {
-        self.run_dir().join("control.sock")
+        self.run_dir().join(CONTROL_SOCKET)
     }
 
     /// How to reach the agent (`GuestAddress` as JSON), for `exec` and `stats`.
     pub fn guest_file(&self) -> PathBuf {
-        self.run_dir().join("guest.json")
+        self.run_dir().join(GUEST_FILE)
     }
 }
 

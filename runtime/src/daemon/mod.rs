@@ -33,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod exec;
 pub mod guest;
+pub mod jailed;
 pub mod layout;
 pub mod liveness;
 pub mod logger;
@@ -82,6 +83,8 @@ pub enum DaemonError {
     Jail(#[from] crate::jailer::JailError),
     /// {0}
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// starting virtiofsd for the jailed vmm: {0}
+    Virtiofsd(#[source] crate::vmm::devices::virtio::fs::VirtiofsdError),
     /// process.terminal is true but no --console-socket was given: pass --console-socket SOCKET (runc needs it too)
     NoConsoleSocket,
     /// the bundle's process section is missing: add "process" to config.json

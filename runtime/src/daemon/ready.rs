@@ -144,6 +144,12 @@ impl ReadyWriter {
         Ok(Self { file })
     }
 
+    /// The write end of a [`pipe`] kept by this process (a jail's launcher hands it to
+    /// the jailed vmm across the fork).
+    pub fn from_file(file: File) -> Self {
+        Self { file }
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

@@ -159,14 +159,10 @@ pub fn attach_pipes(connector: &dyn Connector, ports: StdioPorts) -> Result<Rela
     Ok(Relays { outputs: 2, done })
 }
 
-/// Makes a host pty, sends its master to `console_socket` (as runc does) and relays
-/// its slave side to the process's pty stream in both directions.
-pub fn attach_pty(
-    connector: &dyn Connector,
-    ports: StdioPorts,
-    console_socket: &Path,
-) -> Result<Relays, RelayError> {
-    let stream = connect(connector, ports.pty, "pty")?;
+/// Makes a host pty and sends its master to `console_socket` (as runc does); returns
+/// the slave side for [`attach_pty`]. Done before the guest starts: a jailed vmm has
+/// neither `/dev/ptmx` nor the host path of the console socket.
+pub fn open_console(console_socket: &Path) -> Result<File, RelayError> {
     let pty = nix::pty::openpty(None, None).map_err(RelayError::Pty)?;
     // The guest's pty already has a line discipline (echo, ^C); the host one must be
     // transparent or every byte would be processed twice.
@@ -183,7 +179,17 @@ pub fn attach_pty(
         source,
     })?;
     drop(pty.master);
-    let slave = File::from(pty.slave);
+    Ok(File::from(pty.slave))
+}
+
+/// Relays the host pty's `slave` side (from [`open_console`]) to the process's pty
+/// stream in both directions.
+pub fn attach_pty(
+    connector: &dyn Connector,
+    ports: StdioPorts,
+    slave: File,
+) -> Result<Relays, RelayError> {
+    let stream = connect(connector, ports.pty, "pty")?;
     let (mut slave_in, mut slave_out) = (slave.try_clone().map_err(RelayError::Thread)?, slave);
     let (mut stream_in, mut stream_out) = (stream.try_clone().map_err(RelayError::Thread)?, stream);
     let (tx, done) = channel();

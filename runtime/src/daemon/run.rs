@@ -2,7 +2,7 @@
 //! relays, control thread, `ok PID` on the ready pipe; then wait for the container's
 //! init, drain its output, shut the guest down and exit with the init's exit code.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use husk_protocol::ExitStatus;
 use super::config::{DaemonConfig, GuestKind};
 use super::control::{self, Shared};
 use super::guest::{GuestBackend, HostAgent};
+use super::layout::{CONTROL_SOCKET, GUEST_FILE};
 use super::ready::ReadyWriter;
 use super::relay::{self, Relays};
 use super::vm_guest::MicroVm;
@@ -29,7 +30,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const LOST: i32 = 255;
 
 /// A running sandbox, between `ok PID` and exit.
-struct Running {
+pub(super) struct Running {
     layout: Layout,
     shared: Arc<Shared>,
     relays: Relays,
@@ -53,12 +54,17 @@ pub fn main(config_path: &Path, ready_fd: RawFd) -> i32 {
         }
     };
     let layout = config.layout();
+    let mut log_fd = None;
     if let Ok(file) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(layout.log())
     {
+        log_fd = Some(file.as_raw_fd());
         super::logger::init(file);
+    }
+    if config.jail && matches!(config.guest, GuestKind::Vm { .. }) {
+        return super::jailed::launch(&config, ready, log_fd);
     }
     match start(&config) {
         Ok(running) => {
@@ -73,7 +79,7 @@ pub fn main(config_path: &Path, ready_fd: RawFd) -> i32 {
     }
 }
 
-fn backend(config: &DaemonConfig, netns: Option<PathBuf>) -> Box<dyn GuestBackend> {
+pub(super) fn backend(config: &DaemonConfig, netns: Option<PathBuf>) -> Box<dyn GuestBackend> {
     match &config.guest {
         GuestKind::HostAgent { agent } => Box::new(HostAgent::new(agent)),
         kind => Box::new(
@@ -112,10 +118,79 @@ fn guest_spec(
 }
 
 /// Removes what the guest's network left on the host (redirects, name-file copies).
-fn remove_guest_net(layout: &Layout) {
-    if let Err(e) = crate::net::guest::cleanup(&layout.run_dir(), &layout.name_files()) {
+pub(super) fn remove_guest_net(layout: &Layout) {
+    if let Err(e) = crate::net::guest::cleanup(&layout.host_run_dir(), &layout.name_files()) {
         log::warn!("{e}");
     }
+}
+
+/// What the guest needs from the bundle and the host, made before the guest starts.
+pub(super) struct Prepared {
+    /// The spec as the guest gets it.
+    pub spec: oci_spec::runtime::Spec,
+    pub terminal: bool,
+    /// The host pty's slave side when `process.terminal` (its master went to the console
+    /// socket already).
+    pub console: Option<std::fs::File>,
+    /// The network namespace to attach the guest to.
+    pub netns: Option<PathBuf>,
+}
+
+/// Bundle, share, the guest's spec, the console. On failure what was made is removed.
+pub(super) fn prepare(config: &DaemonConfig, layout: &Layout) -> Result<Prepared, DaemonError> {
+    let bundle = Bundle::load(&config.bundle).map_err(|e| DaemonError::Io {
+        what: "loading the bundle",
+        path: config.bundle.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let mut spec = bundle.spec.clone();
+    let process = spec.process().as_ref().ok_or(DaemonError::NoProcess)?;
+    let terminal = process.terminal().unwrap_or(false);
+    let console_socket = match (&config.console_socket, terminal) {
+        (Some(socket), true) => Some(socket),
+        (None, true) => return Err(DaemonError::NoConsoleSocket),
+        _ => None,
+    };
+    let readonly = spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false);
+    if readonly {
+        share::create_mount_points(&config.rootfs, spec.mounts().as_deref().unwrap_or(&[]))?;
+    }
+    share::prepare(
+        &layout.share_dir(),
+        &layout.rootfs_mount(),
+        &config.rootfs,
+        readonly,
+    )?;
+    let made = guest_spec(config, layout, &mut spec).and_then(|netns| {
+        let console = console_socket
+            .map(|socket| relay::open_console(socket))
+            .transpose()?;
+        Ok((netns, console))
+    });
+    match made {
+        Ok((netns, console)) => Ok(Prepared {
+            spec,
+            terminal,
+            console,
+            netns,
+        }),
+        Err(e) => {
+            remove_guest_net(layout);
+            let _ = share::remove(&layout.share_dir(), &layout.rootfs_mount());
+            Err(e)
+        }
+    }
+}
+
+/// Where the guest's sockets are: as this process sees them (`/run` in a jail) and as
+/// the host sees them (what `guest.json` tells `husk exec`).
+pub(super) struct RunDirs {
+    pub inside: PathBuf,
+    pub host: PathBuf,
 }
 
 /// Everything up to the container waiting at the exec barrier. On failure, what was
@@ -133,44 +208,40 @@ fn start(config: &DaemonConfig) -> Result<Running, DaemonError> {
         .mode(0o700)
         .create(&run_dir)
         .map_err(io_err("creating the run directory", &run_dir))?;
-    let bundle = Bundle::load(&config.bundle).map_err(|e| DaemonError::Io {
-        what: "loading the bundle",
-        path: config.bundle.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let mut spec = bundle.spec.clone();
-    let process = spec.process().as_ref().ok_or(DaemonError::NoProcess)?;
-    let terminal = process.terminal().unwrap_or(false);
-    if terminal && config.console_socket.is_none() {
-        return Err(DaemonError::NoConsoleSocket);
-    }
-    let readonly = spec
-        .root()
-        .as_ref()
-        .and_then(|r| r.readonly())
-        .unwrap_or(false);
-    if readonly {
-        share::create_mount_points(&config.rootfs, spec.mounts().as_deref().unwrap_or(&[]))?;
-    }
-    share::prepare(
-        &layout.share_dir(),
-        &layout.rootfs_mount(),
-        &config.rootfs,
-        readonly,
-    )?;
-    let netns = match guest_spec(config, &layout, &mut spec) {
-        Ok(netns) => netns,
-        Err(e) => {
-            let _ = share::remove(&layout.share_dir(), &layout.rootfs_mount());
-            return Err(e);
-        }
+    let prepared = prepare(config, &layout)?;
+    let guest = backend(config, prepared.netns.clone());
+    let dirs = RunDirs {
+        inside: run_dir.clone(),
+        host: run_dir,
     };
-    let mut guest = backend(config, netns);
+    run_guest(config, layout.clone(), prepared, guest, &dirs).inspect_err(|_| {
+        remove_guest_net(&layout);
+        let _ = share::remove(&layout.share_dir(), &layout.rootfs_mount());
+    })
+}
+
+/// The guest, the container at the exec barrier, its stdio relays and the control
+/// socket; then the main thread's filter. Shared by the daemon and the jailed vmm. On
+/// failure the guest is stopped; what the host side made is the caller's to undo.
+pub(super) fn run_guest(
+    config: &DaemonConfig,
+    layout: Layout,
+    prepared: Prepared,
+    mut guest: Box<dyn GuestBackend>,
+    dirs: &RunDirs,
+) -> Result<Running, DaemonError> {
+    let Prepared {
+        spec,
+        terminal,
+        console,
+        ..
+    } = prepared;
     let started = (|| {
-        let address = guest.start(&layout.share_dir(), &run_dir)?;
-        let json = serde_json::to_vec(&address).expect("addresses serialize");
-        std::fs::write(layout.guest_file(), json)
-            .map_err(io_err("writing", &layout.guest_file()))?;
+        let address = guest.start(&layout.share_dir(), &dirs.inside)?;
+        let guest_file = dirs.inside.join(GUEST_FILE);
+        let json = serde_json::to_vec(&address.seen_from(&dirs.inside, &dirs.host))
+            .expect("addresses serialize");
+        std::fs::write(&guest_file, json).map_err(io_err("writing", &guest_file))?;
         let connector = address.connector();
         let rootfs = guest
             .guest_share_dir(&layout.share_dir())
@@ -182,21 +253,19 @@ fn start(config: &DaemonConfig) -> Result<Running, DaemonError> {
         let spawned = AgentClient::connect(&*connector)
             .and_then(|mut a| a.create_container(&config.id, spec, rootfs, stdio))
             .map_err(agent_err("creating the container in the guest"))?;
-        let relays = match &config.console_socket {
-            Some(socket) if terminal => relay::attach_pty(&*connector, spawned.stdio, socket)?,
-            _ => relay::attach_pipes(&*connector, spawned.stdio)?,
+        let relays = match console {
+            Some(slave) => relay::attach_pty(&*connector, spawned.stdio, slave)?,
+            None => relay::attach_pipes(&*connector, spawned.stdio)?,
         };
         let waiter =
             AgentClient::connect(&*connector).map_err(agent_err("connecting to the agent"))?;
-        let listener = control::bind(&layout.control_socket())?;
+        let listener = control::bind(&dirs.inside.join(CONTROL_SOCKET))?;
         Ok((connector, relays, waiter, listener))
     })();
     let (connector, relays, waiter, listener) = match started {
         Ok(parts) => parts,
         Err(e) => {
             guest.stop();
-            remove_guest_net(&layout);
-            let _ = share::remove(&layout.share_dir(), &layout.rootfs_mount());
             return Err(e);
         }
     };
@@ -220,7 +289,7 @@ fn start(config: &DaemonConfig) -> Result<Running, DaemonError> {
 
 /// The filters apply to the VM daemon only: the test-only host agent is a child the
 /// daemon must spawn and reap, which the control allowlist rightly forbids.
-fn seccomp_mode(config: &DaemonConfig) -> SeccompMode {
+pub(super) fn seccomp_mode(config: &DaemonConfig) -> SeccompMode {
     match config.guest {
         GuestKind::HostAgent { .. } => SeccompMode::Off,
         GuestKind::Vm { .. } => config.seccomp.parse().unwrap_or_default(),
@@ -246,7 +315,7 @@ fn spawn_control(
 }
 
 impl Running {
-    fn wait(mut self) -> i32 {
+    pub(super) fn wait(mut self) -> i32 {
         let init = ProcessRef {
             container_id: self.shared.id.clone(),
             exec_id: None,
@@ -270,9 +339,11 @@ impl Running {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .stop();
-        // A confined daemon may not unlink or unmount (no rule allows it): `husk delete`
-        // removes the socket and the share mount, as it does after a crashed daemon.
-        if matches!(seccomp::process_mode(), None | Some(SeccompMode::Off)) {
+        // A confined daemon may not unlink or unmount (no rule allows it), and a jailed
+        // one cannot see the host's paths: `husk delete` removes the socket and the share
+        // mount, as it does after a crashed daemon.
+        let confined = !matches!(seccomp::process_mode(), None | Some(SeccompMode::Off));
+        if !confined && !self.layout.jailed() {
             let _ = std::fs::remove_file(self.layout.control_socket());
             remove_guest_net(&self.layout);
             if let Err(e) = share::remove(&self.layout.share_dir(), &self.layout.rootfs_mount()) {

@@ -1,7 +1,9 @@
 //! The real guest: a microVM ([`crate::vmm::guest::GuestVm`]) with a hybrid vsock
 //! device and the sandbox share over virtio-fs; its sockets live in the run directory.
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::config::GuestKind;
 use super::guest::{GuestAddress, GuestBackend, GuestError};
@@ -10,6 +12,18 @@ use crate::net::NetnsAttachment;
 use crate::vmm::config::NetDeviceConfig;
 use crate::vmm::guest::{GuestNet, GuestVm, GuestVmConfig, GUEST_SHARE_DIR, VSOCK_SOCKET};
 use crate::vmm::ConsoleOutput;
+
+/// What a jail's launcher hands the jailed vmm (see [`super::jailed`]): everything that
+/// needs the host's view, made before the jail.
+#[derive(Debug)]
+pub struct Handed {
+    /// The connection to the virtiofsd started on the host share.
+    pub virtiofsd: Arc<UnixStream>,
+    /// The NIC over a tap opened in the container's network namespace.
+    pub net: Option<GuestNet>,
+    /// The template to restore from, as the jailed vmm sees it.
+    pub template: Option<PathBuf>,
+}
 
 /// A microVM booted from `kernel` + `initrd`.
 pub struct MicroVm {
@@ -23,6 +37,8 @@ pub struct MicroVm {
     /// Kept for the sandbox's life; its filters outlive the daemon when it is confined,
     /// so `husk delete` removes them from the record (see [`crate::net::guest`]).
     net: Option<NetnsAttachment>,
+    /// Set in a jailed vmm: the guest is started from these instead.
+    handed: Option<Handed>,
     vm: Option<GuestVm>,
 }
 
@@ -44,6 +60,7 @@ impl MicroVm {
                 template_dir: template_dir.clone(),
                 netns: None,
                 net: None,
+                handed: None,
                 vm: None,
             }),
             GuestKind::HostAgent { .. } => None,
@@ -54,6 +71,39 @@ impl MicroVm {
     pub fn with_netns(mut self, netns: Option<PathBuf>) -> Self {
         self.netns = netns;
         self
+    }
+
+    /// In a jail: boot from `kernel` and `initrd` (paths inside the jail) and what the
+    /// launcher handed over, instead of starting virtiofsd or attaching the network here.
+    pub fn jailed(mut self, kernel: PathBuf, initrd: PathBuf, handed: Handed) -> Self {
+        self.kernel = kernel;
+        self.initrd = initrd;
+        self.template_dir = None;
+        self.handed = Some(handed);
+        self
+    }
+
+    /// The guest's configuration with the sockets in `run_dir`.
+    pub fn guest_config(&self, share_dir: &Path, run_dir: &Path) -> GuestVmConfig {
+        let mut config = GuestVmConfig::new(run_dir, share_dir);
+        config.kernel = Some(self.kernel.clone());
+        config.initrd = Some(self.initrd.clone());
+        config.vcpus = self.vcpus;
+        config.mem_mib = self.mem_mib;
+        // The daemon's stdio is the container's: the guest console goes to the log.
+        config.console = ConsoleOutput::Log;
+        // With a NIC the guest boots cold (a template has none; GuestVm decides).
+        config.template_dir = self.template_dir.clone();
+        config
+    }
+
+    /// For a jail's launcher: attaches the network namespace given by
+    /// [`MicroVm::with_netns`] (records in `run_dir`), if any.
+    pub fn attach_netns(&mut self, run_dir: &Path) -> Result<Option<GuestNet>, GuestError> {
+        match self.netns.clone() {
+            Some(netns) => self.attach(&netns, run_dir).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Creates the tap and the redirects in the namespace and records them in `run_dir`
@@ -92,7 +142,7 @@ impl MicroVm {
     }
 
     /// Undoes [`MicroVm::attach`] after a failed start (the daemon is not confined yet).
-    fn detach(&mut self, run_dir: &Path) {
+    pub fn detach(&mut self, run_dir: &Path) {
         if let Some(attachment) = self.net.take() {
             if let Err(e) = attachment.remove() {
                 log::error!("removing the network attachment: {e}");
@@ -108,16 +158,12 @@ impl MicroVm {
 
 impl GuestBackend for MicroVm {
     fn start(&mut self, share_dir: &Path, run_dir: &Path) -> Result<GuestAddress, GuestError> {
-        let mut config = GuestVmConfig::new(run_dir, share_dir);
-        config.kernel = Some(self.kernel.clone());
-        config.initrd = Some(self.initrd.clone());
-        config.vcpus = self.vcpus;
-        config.mem_mib = self.mem_mib;
-        // The daemon's stdio is the container's: the guest console goes to the log.
-        config.console = ConsoleOutput::Log;
-        // With a NIC the guest boots cold (a template has none; GuestVm decides).
-        config.template_dir = self.template_dir.clone();
-        if let Some(netns) = self.netns.clone() {
+        let mut config = self.guest_config(share_dir, run_dir);
+        if let Some(handed) = self.handed.take() {
+            config.virtiofsd_connection = Some(handed.virtiofsd);
+            config.net = handed.net;
+            config.template_file = handed.template;
+        } else if let Some(netns) = self.netns.clone() {
             config.net = Some(self.attach(&netns, run_dir)?);
         }
         let vm = match GuestVm::boot(config) {

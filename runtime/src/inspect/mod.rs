@@ -217,6 +217,19 @@ pub fn profile_report(bundle: &Bundle) -> ProfileReport {
     }
 }
 
+/// The pid of a jailed vmm's virtiofsd, from the pid file virtiofsd keeps next to its
+/// socket while it runs.
+fn jailed_virtiofsd(layout: &Layout) -> Option<i32> {
+    if !layout.jailed() {
+        return None;
+    }
+    let text = std::fs::read_to_string(layout.virtiofsd_pid_file()).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    std::path::Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then_some(pid)
+}
+
 /// The VMM's allowlist sizes per thread kind and their union.
 pub fn vmm_syscalls() -> (BTreeMap<String, usize>, usize) {
     let mut union = BTreeSet::new();
@@ -289,7 +302,14 @@ pub fn inspect(store: &Store, id: &str) -> Result<Report, InspectError> {
                     None
                 }
             };
-            let helpers = procfs::descendants(state.pid);
+            // A jailed vmm's virtiofsd was started by its launcher, so it is not the
+            // vmm's child: its pid file names it.
+            let helpers = match jailed_virtiofsd(&layout) {
+                Some(pid) => std::iter::once(pid)
+                    .chain(procfs::descendants(pid))
+                    .collect(),
+                None => procfs::descendants(state.pid),
+            };
             let helper_rss: u64 = helpers
                 .iter()
                 .filter_map(|&p| procfs::status(&PathBuf::from(format!("/proc/{p}"))).ok())
@@ -307,9 +327,17 @@ pub fn inspect(store: &Store, id: &str) -> Result<Report, InspectError> {
                     None
                 }
             };
-            if !layout.jailed() {
+            if layout.jailed() {
+                let jail = layout.jail_root().join(id).join("jail");
+                notes.push(format!(
+                    "the VMM is jailed: uid {} (no capabilities), root {}, its own mount/pid/ipc/uts/net namespaces, cgroups {}/husk/{id}",
+                    process.uid,
+                    jail.display(),
+                    crate::jailer::cgroup::CONTROLLERS.join(",")
+                ));
+            } else {
                 notes.push(
-                    "the VMM is not jailed yet: uid 0 without capabilities, in the host's namespaces and root"
+                    "the VMM is not jailed (a test guest): uid 0 without capabilities, in the host's namespaces and root"
                         .into(),
                 );
             }

@@ -80,6 +80,9 @@ pub struct JailConfig {
     pub cgroup_root: PathBuf,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
+    /// More read-only files the vmm needs, linked into the jail's root by file name like
+    /// the kernel (the guest template it restores from).
+    pub files: Vec<PathBuf>,
     /// Also create `dev/net/tun` (for a network device).
     pub tun: bool,
     pub uid: u32,
@@ -103,6 +106,7 @@ impl JailConfig {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             kernel: kernel.into(),
             initrd: None,
+            files: Vec::new(),
             tun: false,
             uid,
             gid: uid,
@@ -121,6 +125,8 @@ pub struct Jail {
     /// The kernel and initrd paths inside the jail (`/vmlinux`, ...).
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
+    /// [`JailConfig::files`] as the vmm sees them, in the same order.
+    pub files: Vec<PathBuf>,
     /// Where the vmm creates its sockets, inside the jail (`/run`).
     pub run_dir: PathBuf,
     pub cgroup_limits: CgroupLimits,
@@ -279,6 +285,13 @@ fn prepare_host_side(
         }
         None => None,
     };
+    let mut files = Vec::new();
+    for file in &config.files {
+        let (host, inside) = layout.boot_file(file)?;
+        sys.link_or_copy(file, &host)
+            .map_err(step("put a file into the jail", file))?;
+        files.push(inside);
+    }
     let dev = layout.dev_dir();
     sys.create_dir(&dev, 0o755)
         .map_err(step("create dev/", &dev))?;
@@ -311,6 +324,7 @@ fn prepare_host_side(
         layout: layout.clone(),
         kernel,
         initrd,
+        files,
         run_dir: PathBuf::from("/run"),
         cgroup_limits: limits,
     })

@@ -216,10 +216,17 @@ impl Sys for RealSys {
         Ok(())
     }
     fn last_cap(&self) -> io::Result<u32> {
-        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
+        // Read once and kept: a jailed vmm has no /proc, and its threads drop their
+        // capabilities (which needs this number) after the jail.
+        static LAST_CAP: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        if let Some(cap) = LAST_CAP.get() {
+            return Ok(*cap);
+        }
+        let cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
             .trim()
             .parse()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Ok(*LAST_CAP.get_or_init(|| cap))
     }
     fn drop_bounding_cap(&self, cap: u32) -> io::Result<()> {
         // SAFETY: prctl with integer arguments only.

@@ -141,9 +141,18 @@ fn await_ready(
     timeout: Duration,
     what: &'static str,
     log: &Path,
+    reap_on_ok: bool,
 ) -> Result<i32, String> {
     match reader.wait(timeout, what, log) {
-        Ok(pid) => Ok(pid),
+        Ok(pid) => {
+            if reap_on_ok {
+                // A jail's launcher exits right after reporting the jailed vmm's pid.
+                // Reaping it here means that vmm has been reparented (to this process
+                // when it is a subreaper, as `husk run` is) before anyone waits for it.
+                let _ = child.wait();
+            }
+            Ok(pid)
+        }
         Err(e) => {
             let deadline = Instant::now() + Duration::from_secs(10);
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
@@ -153,6 +162,13 @@ fn await_ready(
             let _ = child.wait();
             Err(e.to_string())
         }
+    }
+}
+
+fn remove_dir_if_present(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -312,8 +328,14 @@ impl Sandbox for VmSandbox {
                     .filter(|_| !opts.no_template)
                     .map(|root| root.join(TEMPLATES_DIR)),
             )?,
-            jail: false,
             seccomp: opts.seccomp.to_string(),
+            jail: false,
+        };
+        // A microVM's vmm runs jailed (daemon::jailed); the test-only host agent cannot be
+        // (it spawns the agent as a host process).
+        let config = DaemonConfig {
+            jail: matches!(config.guest, GuestKind::Vm { .. }),
+            ..config
         };
         let layout = config.layout();
         config.write().map_err(|e| backend_err(id, "create", e))?;
@@ -330,8 +352,16 @@ impl Sandbox for VmSandbox {
             .spawn()
             .map_err(|e| backend_err(id, "create", format!("starting the vmm daemon: {e}")))?;
         drop(writer);
-        let pid = await_ready(child, reader, CREATE_TIMEOUT, "vmm daemon", &layout.log())
-            .map_err(|e| backend_err(id, "create", e))?;
+        let jailed = layout.jailed();
+        let pid = await_ready(
+            child,
+            reader,
+            CREATE_TIMEOUT,
+            "vmm daemon",
+            &layout.log(),
+            jailed,
+        )
+        .map_err(|e| backend_err(id, "create", e))?;
         let process = ProcessId::of(pid)
             .ok_or_else(|| backend_err(id, "create", "the vmm daemon exited right after create"))?;
         process
@@ -383,7 +413,7 @@ impl Sandbox for VmSandbox {
         }
         shut_down_orphaned_guest(&layout);
         // The daemon may be confined (no `tc`): its network redirects are removed here.
-        crate::net::guest::cleanup(&layout.run_dir(), &layout.name_files())
+        crate::net::guest::cleanup(&layout.host_run_dir(), &layout.name_files())
             .map_err(|e| backend_err(entry.id(), "delete", e))?;
         share::remove(&layout.share_dir(), &layout.rootfs_mount())
             .map_err(|e| backend_err(entry.id(), "delete", e))?;
@@ -394,11 +424,12 @@ impl Sandbox for VmSandbox {
                 entry.id(),
             )
             .map_err(|e| backend_err(entry.id(), "delete", e))?;
-        } else if let Err(e) = std::fs::remove_dir_all(layout.run_dir()) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(backend_err(entry.id(), "delete", e));
-            }
+            remove_dir_if_present(&layout.jail_root())
+                .map_err(|e| backend_err(entry.id(), "delete", e))?;
         }
+        // The run directory (the launcher's host side, when jailed).
+        remove_dir_if_present(&layout.host_run_dir())
+            .map_err(|e| backend_err(entry.id(), "delete", e))?;
         Ok(())
     }
 
@@ -439,7 +470,14 @@ impl Sandbox for VmSandbox {
             let _ = std::fs::remove_file(&process_file);
             backend_err(id, "exec", format!("starting the exec relay: {e}"))
         })?;
-        let result = await_ready(child, reader, EXEC_TIMEOUT, "exec relay", &layout.log());
+        let result = await_ready(
+            child,
+            reader,
+            EXEC_TIMEOUT,
+            "exec relay",
+            &layout.log(),
+            false,
+        );
         let _ = std::fs::remove_file(&process_file);
         result.map_err(|e| backend_err(id, "exec", e))
     }

@@ -56,17 +56,32 @@ pub struct VsockDeviceConfig {
     pub guest_cid: u64,
 }
 
-/// A host directory served to the guest by a virtiofsd the VMM starts and owns.
+/// A host directory served to the guest by virtiofsd.
 #[derive(Debug, Clone)]
 pub struct FsShareConfig {
     /// The name the guest mounts it by (1 to 36 bytes).
     pub tag: String,
     /// The directory the guest sees as the root of the file system.
     pub dir: PathBuf,
-    /// The virtiofsd binary (see [`crate::artifacts::Artifact::Virtiofsd`]).
-    pub virtiofsd: PathBuf,
-    /// virtiofsd's vhost-user socket (its directory must exist).
+    /// Who runs virtiofsd.
+    pub backend: FsBackend,
+    /// virtiofsd's vhost-user socket (its directory must exist); named in errors.
     pub socket_path: PathBuf,
+}
+
+/// Who runs the virtiofsd behind a share.
+#[derive(Debug, Clone)]
+pub enum FsBackend {
+    /// The VMM starts this virtiofsd binary (see
+    /// [`crate::artifacts::Artifact::Virtiofsd`]) and owns the process.
+    Spawn { virtiofsd: PathBuf },
+    /// A virtiofsd started by someone else, already connected: a jailed vmm gets it from
+    /// its launcher (virtiofsd needs the host's view of the share, the jail has none).
+    /// Each device built takes its own fd on the connection; the process is not ours to
+    /// watch or kill: it exits when the last fd on the connection closes.
+    Connected {
+        stream: std::sync::Arc<std::os::unix::net::UnixStream>,
+    },
 }
 
 /// What the boot vCPU starts executing.

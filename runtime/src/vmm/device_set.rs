@@ -14,8 +14,12 @@ use log::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::builder::{BuildError, VmBuilder};
-use super::config::{FsShareConfig, NetDeviceConfig, VirtioDevicesConfig, VsockDeviceConfig};
-use super::devices::virtio::fs::{FsConfig, FsError, FsEvent, VirtioFs, VirtiofsdConfig};
+use super::config::{
+    FsBackend, FsShareConfig, NetDeviceConfig, VirtioDevicesConfig, VsockDeviceConfig,
+};
+use super::devices::virtio::fs::{
+    FsConfig, FsError, FsEvent, VirtioFs, VirtiofsdConfig, DEFAULT_REPLY_TIMEOUT,
+};
 use super::devices::virtio::mmio::{ActivationFailed, MmioError, MmioTransport};
 use super::devices::virtio::net::{Net, NetError, NetEvent};
 use super::devices::virtio::vsock::{Vsock, VsockConfig, VsockError, VsockEvent};
@@ -140,19 +144,34 @@ impl DeviceSet {
         builder: &mut VmBuilder,
         share: &FsShareConfig,
     ) -> Result<(), DeviceSetError> {
-        let virtiofsd = VirtiofsdConfig::new(
-            share.virtiofsd.clone(),
-            share.dir.clone(),
-            share.socket_path.clone(),
-        );
-        let device =
-            VirtioFs::new(&FsConfig::new(share.tag.clone(), virtiofsd)).map_err(|source| {
-                DeviceSetError::Fs {
-                    tag: share.tag.clone(),
-                    dir: share.dir.display().to_string(),
-                    source,
-                }
-            })?;
+        let fs_err = |source| DeviceSetError::Fs {
+            tag: share.tag.clone(),
+            dir: share.dir.display().to_string(),
+            source,
+        };
+        let device = match &share.backend {
+            FsBackend::Spawn { virtiofsd } => {
+                let virtiofsd = VirtiofsdConfig::new(
+                    virtiofsd.clone(),
+                    share.dir.clone(),
+                    share.socket_path.clone(),
+                );
+                VirtioFs::new(&FsConfig::new(share.tag.clone(), virtiofsd)).map_err(fs_err)?
+            }
+            FsBackend::Connected { stream } => {
+                let stream = stream
+                    .try_clone()
+                    .map_err(|e| fs_err(FsError::Connection(e)))?;
+                VirtioFs::with_backend(
+                    &share.tag,
+                    stream,
+                    &share.socket_path,
+                    None,
+                    DEFAULT_REPLY_TIMEOUT,
+                )
+                .map_err(fs_err)?
+            }
+        };
         let device = Arc::new(Mutex::new(device));
         self.place(builder, device.clone())?;
         self.shares.push(Share {

@@ -28,7 +28,8 @@ use husk_protocol::messages::{NetInterface, NetworkConfig};
 
 use super::builder::{BuildError, VmBuilder};
 use super::config::{
-    BootSource, FsShareConfig, NetDeviceConfig, VirtioDevicesConfig, VmConfig, VsockDeviceConfig,
+    BootSource, FsBackend, FsShareConfig, NetDeviceConfig, VirtioDevicesConfig, VmConfig,
+    VsockDeviceConfig,
 };
 use super::devices::serial::ConsoleOutput;
 use super::devices::virtio::vsock::DEFAULT_GUEST_CID;
@@ -116,6 +117,12 @@ pub struct GuestVmConfig {
     /// template of its configuration, made by this boot when there is none. `None`, or a
     /// NIC (a template has none), boots cold.
     pub template_dir: Option<PathBuf>,
+    /// Restore from exactly this template and never make one (a jailed vmm: its launcher
+    /// made the template, see [`GuestVm::ensure_template`]). Wins over `template_dir`.
+    pub template_file: Option<PathBuf>,
+    /// A virtiofsd already started on `share_dir` and connected (a jailed vmm's, started
+    /// by its launcher); `None` starts one per VM.
+    pub virtiofsd_connection: Option<std::sync::Arc<std::os::unix::net::UnixStream>>,
 }
 
 /// The guest's NIC: the device and what the agent makes of it (`ConfigureNetwork`).
@@ -140,14 +147,42 @@ impl GuestVmConfig {
             cmdline_extra: String::new(),
             net: None,
             template_dir: None,
+            template_file: None,
+            virtiofsd_connection: None,
         }
+    }
+
+    /// The template file for this configuration, if templates are on and apply (no NIC).
+    fn template_path(&self) -> Result<Option<PathBuf>, GuestVmError> {
+        if let Some(file) = &self.template_file {
+            return Ok(Some(file.clone()));
+        }
+        match (&self.template_dir, &self.net) {
+            (Some(dir), None) => Ok(Some(
+                template::path_for(dir, &self.vm_config()?)
+                    .map_err(|e| GuestVmError::Build(Box::new(e.into())))?,
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    fn share_backend(&self) -> Result<FsBackend, GuestVmError> {
+        Ok(match &self.virtiofsd_connection {
+            Some(stream) => FsBackend::Connected {
+                stream: stream.clone(),
+            },
+            None => FsBackend::Spawn {
+                virtiofsd: artifacts::locate(Artifact::Virtiofsd, self.virtiofsd.as_deref())?,
+            },
+        })
     }
 
     fn vm_config(&self) -> Result<VmConfig, GuestVmError> {
         if !self.run_dir.is_dir() {
             return Err(GuestVmError::RunDir(self.run_dir.clone()));
         }
-        if !self.share_dir.is_dir() {
+        // A connected virtiofsd serves a directory this process may not see (a jail).
+        if self.virtiofsd_connection.is_none() && !self.share_dir.is_dir() {
             return Err(GuestVmError::ShareDir(self.share_dir.clone()));
         }
         let vsock_path = self.run_dir.join(VSOCK_SOCKET);
@@ -160,7 +195,7 @@ impl GuestVmConfig {
             shares: vec![FsShareConfig {
                 tag: SHARE_TAG.into(),
                 dir: self.share_dir.clone(),
-                virtiofsd: artifacts::locate(Artifact::Virtiofsd, self.virtiofsd.as_deref())?,
+                backend: self.share_backend()?,
                 socket_path: self.run_dir.join(VIRTIOFSD_SOCKET),
             }],
             net: self.net.as_ref().map(|n| n.device.clone()),
@@ -241,15 +276,9 @@ impl GuestVm {
     /// Boots the VM, or restores it from its template ([`GuestVmConfig::template_dir`]),
     /// and returns once the agent is ready and has mounted the share.
     pub fn boot(config: GuestVmConfig) -> Result<Self, GuestVmError> {
-        let template = match (&config.template_dir, &config.net) {
-            (Some(dir), None) => Some(
-                template::path_for(dir, &config.vm_config()?)
-                    .map_err(|e| GuestVmError::Build(Box::new(e.into())))?,
-            ),
-            _ => None,
-        };
+        let template = config.template_path()?;
         if let Some(path) = &template {
-            if !path.exists() {
+            if !path.exists() && config.template_file.is_none() {
                 if let Err(e) = make_template(&config, path) {
                     log::warn!("making template {}: {e}; booting cold", path.display());
                     return Self::boot_cold(&config);
@@ -269,6 +298,27 @@ impl GuestVm {
             }
         }
         Self::boot_cold(&config)
+    }
+
+    /// Makes the template of `config` if templates apply and there is none yet; returns
+    /// the template file to restore from, or `None` to boot cold (no templates, a NIC, or
+    /// making it failed: logged). For a jail's launcher: the template VM runs here,
+    /// before the jail, with a virtiofsd of its own; only husk's kernel and agent have run
+    /// in it when it is saved, so nothing untrusted reaches this unjailed VMM.
+    pub fn ensure_template(config: &GuestVmConfig) -> Result<Option<PathBuf>, GuestVmError> {
+        let Some(path) = config.template_path()? else {
+            return Ok(None);
+        };
+        if path.exists() {
+            return Ok(Some(path));
+        }
+        match make_template(config, &path) {
+            Ok(()) => Ok(Some(path)),
+            Err(e) => {
+                log::warn!("making template {}: {e}; booting cold", path.display());
+                Ok(None)
+            }
+        }
     }
 
     fn boot_cold(config: &GuestVmConfig) -> Result<Self, GuestVmError> {

@@ -12,7 +12,6 @@
 //! sends `RefreshAfterRestore` (the agent sets the clock and reseeds the kernel's
 //! generator with host entropy): [`refresh`] is the first thing done after a restore.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use husk_protocol::client::{AgentClient, ClientError};
@@ -89,10 +88,26 @@ pub fn refresh(agent: &mut AgentClient) -> Result<(), RefreshError> {
     Ok(agent.refresh_after_restore(now.as_nanos() as u64, entropy)?)
 }
 
-/// Bytes from the host's generator (/dev/urandom: it does not block once seeded).
+/// Bytes from the host's generator: getrandom(2), not /dev/urandom, because a jailed
+/// vmm has no /dev/urandom (and its control filter allows getrandom, not open).
 fn host_entropy() -> std::io::Result<Vec<u8>> {
     let mut bytes = vec![0u8; ENTROPY_BYTES];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let mut filled = 0;
+    while filled < bytes.len() {
+        let rest = &mut bytes[filled..];
+        // SAFETY: the buffer pointer and length describe `rest`, owned and writable here;
+        // flags 0 blocks only until the generator is seeded (long done on a running host).
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match n {
+            n if n > 0 => filled += n as usize,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
     Ok(bytes)
 }
 

@@ -51,6 +51,8 @@ pub enum FsError {
     EventFd(#[source] io::Error),
     /// cannot raise the virtio-fs interrupt: {0}
     Interrupt(#[source] io::Error),
+    /// cannot take an fd on the connection to the virtiofsd started before the jail: {0}
+    Connection(#[source] io::Error),
 }
 
 /// One share: the directory virtiofsd serves and the tag the guest mounts it by.

@@ -20,6 +20,6 @@ pub mod virtiofsd;
 mod tests;
 
 pub use attach::{attach_fs_device, create_fs_device, FsDevice};
-pub use device::{FsConfig, FsError, VirtioFs};
+pub use device::{FsConfig, FsError, VirtioFs, DEFAULT_REPLY_TIMEOUT};
 pub use event_handler::FsEvent;
 pub use virtiofsd::{CacheMode, Virtiofsd, VirtiofsdConfig, VirtiofsdError};

@@ -161,6 +161,8 @@ pub struct Virtiofsd {
     stderr: File,
     socket_path: PathBuf,
     exit: Option<ExitStatus>,
+    /// Left running on drop: its connection went to a jailed vmm (see [`Virtiofsd::detach`]).
+    detached: bool,
 }
 
 impl Virtiofsd {
@@ -215,6 +217,7 @@ impl Virtiofsd {
             stderr,
             socket_path: config.socket_path.clone(),
             exit: None,
+            detached: false,
         };
         // On error `daemon` is dropped here: killed, reaped, socket removed.
         let stream = daemon.connect_when_ready(config.start_timeout)?;
@@ -259,6 +262,15 @@ impl Virtiofsd {
 
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
+    }
+
+    /// Lets virtiofsd run on without this handle and returns its pid. For the jail's
+    /// launcher: the connection went to the jailed vmm (which is not virtiofsd's parent and,
+    /// as another uid, may not signal it); virtiofsd exits by itself when that connection
+    /// closes, and is reaped by the subreaper or init that inherits it.
+    pub fn detach(mut self) -> u32 {
+        self.detached = true;
+        self.child.id()
     }
 
     /// The pid of the process started (virtiofsd forks its sandboxed worker from it).
@@ -350,6 +362,9 @@ impl Virtiofsd {
 
 impl Drop for Virtiofsd {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         self.kill_and_reap();
         // A SIGKILLed virtiofsd cannot remove its socket, nor the pid file it keeps next
         // to it (locked while it runs, to refuse a second instance on the same socket).
