@@ -11,6 +11,12 @@
 //!   exits                         └─ main thread: WaitProcess(init) -> shutdown -> exit(code)
 //! ```
 //!
+//! A microVM's daemon runs jailed ([`jailed`]): the process `create` starts is a launcher
+//! that makes what needs the host (share, tap, template, virtiofsd, console pty), enters
+//! the jail, and answers `ok PID` with the jailed child's host pid once that child has
+//! the container at the exec barrier; the child then runs the sequence drawn above.
+//!
+//! - [`jailed`]: the launcher and the jailed vmm's start.
 //! - [`layout`]: where every file of a VM sandbox lives (shared by the CLI side and the daemon).
 //! - [`config`]: what `create` hands the daemon.
 //! - [`guest`]: the narrow seam "start the guest, give me a connector, stop it":
