@@ -188,3 +188,27 @@ impl Drop for HostAgent {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jailed_address_is_published_with_the_host_path() {
+        let inside = GuestAddress::HybridVsock {
+            socket: "/run/vsock.sock".into(),
+        };
+        let host = Path::new("/r/c1/vm/c1/jail/run");
+        assert_eq!(
+            inside.seen_from(Path::new("/run"), host),
+            GuestAddress::HybridVsock {
+                socket: host.join("vsock.sock")
+            }
+        );
+        // Not under the jail's run directory: unchanged.
+        let other = GuestAddress::UnixDir {
+            dir: "/elsewhere/agent".into(),
+        };
+        assert_eq!(other.seen_from(Path::new("/run"), host), other);
+    }
+}

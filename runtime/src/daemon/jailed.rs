@@ -6,7 +6,8 @@
 //! launcher (uid 0, host namespaces)                jailed vmm (PID 1 of its pid ns,
 //!   share bind mount, guest spec, console pty        uid = jailer::uid_for(id), root = jail)
 //!   network: tap opened in the container's netns
-//!   template: made here if missing (own VM + virtiofsd; only husk's kernel and agent run)
+//!   template: made if missing, in a forked child (own VM + virtiofsd; only husk's
+//!     kernel and agent run in it)
 //!   virtiofsd --sandbox namespace on the host share, connected
 //!   Jail::enter ─── fork ──────────────────────────> seccomp per thread, guest restored from
 //!   waits on the result pipe <───── "ok" ───────────  /<key>.snap with the handed fds,
@@ -23,9 +24,11 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use nix::unistd::ForkResult;
 
 use super::config::{DaemonConfig, GuestKind};
 use super::guest::GuestError;
@@ -36,16 +39,13 @@ use super::{io_err, share, DaemonError, Layout};
 use crate::artifacts::{self, Artifact};
 use crate::jailer::{Entered, Jail, JailConfig, Resources};
 use crate::vmm::devices::virtio::fs::{Virtiofsd, VirtiofsdConfig};
-use crate::vmm::guest::{GuestNet, GuestVm, VIRTIOFSD_SOCKET};
+use crate::vmm::guest::{GuestNet, GuestVm, GuestVmConfig, TemplateState, VIRTIOFSD_SOCKET};
 
 /// Exit code when the launcher or the jailed vmm failed before the container existed.
 const LOST: i32 = 255;
 /// How long the jailed vmm may take to have the container at the exec barrier (a cold
 /// boot on a PVM host is ~60 s; `create` itself gives up later than this).
 const JAILED_CREATE_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long the launcher waits for the template VM's threads to be gone: unshare and
-/// fork need a single-threaded process.
-const SINGLE_THREAD_WAIT: Duration = Duration::from_secs(5);
 /// The cgroup hierarchy (v1 on these hosts; see `jailer::cgroup`).
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -115,7 +115,7 @@ pub fn launch(config: &DaemonConfig, ready: ReadyWriter, log_fd: Option<RawFd>) 
         Ok(c) => c,
         Err(e) => return fail(&layout, host, ready, &e.to_string()),
     };
-    if let Err(e) = wait_single_threaded() {
+    if let Err(e) = single_threaded() {
         return fail(&layout, host, ready, &e.to_string());
     }
     match Jail::enter(&jail_config) {
@@ -185,7 +185,7 @@ fn host_side(
     let template = match &net {
         // A template has no NIC: such a guest boots cold.
         Some(_) => None,
-        None => GuestVm::ensure_template(&guest_config).map_err(GuestError::from)?,
+        None => template(&guest_config)?,
     };
     let binary = artifacts::locate(Artifact::Virtiofsd, None)
         .map_err(|e| GuestError::from(crate::vmm::guest::GuestVmError::from(e)))?;
@@ -204,6 +204,42 @@ fn host_side(
         net,
         template,
     })
+}
+
+/// The template to hand the jailed vmm, made first if there is none. It is made in a
+/// forked child: the template VM's threads (and whatever they leave behind) end with that
+/// process, and the launcher stays single-threaded for `Jail::enter`. Only husk's kernel
+/// and agent run in that guest before it is saved, so nothing untrusted reaches this
+/// unjailed VMM. A failure to make it is logged and the guest boots cold.
+fn template(guest_config: &GuestVmConfig) -> Result<Option<PathBuf>, DaemonError> {
+    let path = match GuestVm::template_state(guest_config).map_err(GuestError::from)? {
+        TemplateState::Ready(path) => return Ok(Some(path)),
+        TemplateState::NotUsed | TemplateState::Removed => return Ok(None),
+        TemplateState::Missing(path) => path,
+    };
+    single_threaded()?;
+    // SAFETY: the process is single-threaded (checked above), so the child may run any
+    // code, allocate and start threads; it leaves only through `exit`.
+    match unsafe { nix::unistd::fork() } {
+        Ok(ForkResult::Child) => {
+            let code = match GuestVm::make_template(guest_config, &path) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::warn!("making template {}: {e}; booting cold", path.display());
+                    1
+                }
+            };
+            std::process::exit(code)
+        }
+        Ok(ForkResult::Parent { child }) => {
+            let made = matches!(
+                nix::sys::wait::waitpid(child, None),
+                Ok(nix::sys::wait::WaitStatus::Exited(_, 0))
+            );
+            Ok((made && path.exists()).then_some(path))
+        }
+        Err(e) => Err(io_err("forking the template maker", &path)(e.into())),
+    }
 }
 
 fn not_a_vm() -> DaemonError {
@@ -258,21 +294,27 @@ fn jail_config(
     Ok(jail)
 }
 
-/// Waits until the process has one thread: the template VM's threads are joined by
-/// then, but a joined thread can stay listed in /proc for a moment.
-fn wait_single_threaded() -> Result<(), DaemonError> {
-    let deadline = Instant::now() + SINGLE_THREAD_WAIT;
+/// Refuses to go on unless the process has one thread (fork and unshare need it),
+/// naming the threads that are there.
+fn single_threaded() -> Result<(), DaemonError> {
     let task = Path::new("/proc/self/task");
-    loop {
-        let threads = std::fs::read_dir(task)
-            .map_err(io_err("counting threads in", task))?
-            .count();
-        if threads == 1 || Instant::now() >= deadline {
-            // Jail::enter names the count if it is still wrong.
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let names: Vec<String> = std::fs::read_dir(task)
+        .map_err(io_err("counting threads in", task))?
+        .flatten()
+        .map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            format!("{} ({})", t.file_name().to_string_lossy(), comm.trim())
+        })
+        .collect();
+    if names.len() == 1 {
+        return Ok(());
     }
+    Err(io_err("checking the launcher is single-threaded", task)(
+        std::io::Error::other(format!(
+            "threads {} are running; the launcher must start none before the jail",
+            names.join(", ")
+        )),
+    ))
 }
 
 /// Reports `msg` to `create` after undoing the host side.
@@ -313,9 +355,10 @@ fn jailed_main(
     };
     match run::run_guest(config, layout, prepared, Box::new(guest), &dirs) {
         Ok(running) => {
+            // No getuid here: the main thread runs under the control filter by now.
             log::info!(
                 "jailed vmm ready: uid {}, root {}",
-                nix::unistd::getuid(),
+                crate::jailer::uid_for(&config.id),
                 jail.layout.jail.display()
             );
             result.ok(1);

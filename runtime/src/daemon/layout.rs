@@ -130,5 +130,11 @@ mod tests {
             j.control_socket(),
             Path::new("/r/c1/vm/c1/jail/run/control.sock")
         );
+        // The launcher's host side stays outside the jail.
+        assert_eq!(j.host_run_dir(), Path::new("/r/c1/run"));
+        assert_eq!(
+            j.virtiofsd_pid_file(),
+            Path::new("/r/c1/run/virtiofsd.sock.pid")
+        );
     }
 }

@@ -357,3 +357,19 @@ fn a_thread_drops_all_its_capabilities_and_only_its_own() {
     // Capabilities are per thread: this one keeps what it had.
     assert_eq!(caps(), before);
 }
+
+#[test]
+fn extra_files_are_linked_into_the_jail_root_and_named_as_the_vmm_sees_them() {
+    let fake = Fake::new();
+    let mut c = config();
+    c.files = vec!["/run/husk/@templates/abc.snap".into()];
+    let Entered::Jailed(jail) = enter_with(&fake, &c).unwrap() else {
+        panic!("the fake fork returns the child side");
+    };
+    assert_eq!(jail.files, vec![Path::new("/abc.snap").to_path_buf()]);
+    let log = fake.log();
+    assert!(
+        log.contains(&"link /run/husk/@templates/abc.snap /run/husk/vm1/jail/abc.snap".to_string()),
+        "{log:#?}"
+    );
+}

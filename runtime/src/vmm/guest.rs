@@ -118,11 +118,24 @@ pub struct GuestVmConfig {
     /// NIC (a template has none), boots cold.
     pub template_dir: Option<PathBuf>,
     /// Restore from exactly this template and never make one (a jailed vmm: its launcher
-    /// made the template, see [`GuestVm::ensure_template`]). Wins over `template_dir`.
+    /// made the template, see [`GuestVm::template_state`]). Wins over `template_dir`.
     pub template_file: Option<PathBuf>,
     /// A virtiofsd already started on `share_dir` and connected (a jailed vmm's, started
     /// by its launcher); `None` starts one per VM.
     pub virtiofsd_connection: Option<std::sync::Arc<std::os::unix::net::UnixStream>>,
+}
+
+/// What [`GuestVm::template_state`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateState {
+    /// Templates are off, or the guest has a NIC (a template has none): boot cold.
+    NotUsed,
+    /// A template to restore from.
+    Ready(PathBuf),
+    /// None yet: make it here.
+    Missing(PathBuf),
+    /// It was unusable and is removed: boot cold.
+    Removed,
 }
 
 /// The guest's NIC: the device and what the agent makes of it (`ConfigureNetwork`).
@@ -300,25 +313,37 @@ impl GuestVm {
         Self::boot_cold(&config)
     }
 
-    /// Makes the template of `config` if templates apply and there is none yet; returns
-    /// the template file to restore from, or `None` to boot cold (no templates, a NIC, or
-    /// making it failed: logged). For a jail's launcher: the template VM runs here,
-    /// before the jail, with a virtiofsd of its own; only husk's kernel and agent have run
-    /// in it when it is saved, so nothing untrusted reaches this unjailed VMM.
-    pub fn ensure_template(config: &GuestVmConfig) -> Result<Option<PathBuf>, GuestVmError> {
+    /// Where this configuration's template stands (for a jail's launcher, which makes it
+    /// in a process of its own and hands the file to the jailed vmm). A damaged or foreign
+    /// file is removed here, because the jailed vmm could not remove it (its jail holds a
+    /// read-only link): that sandbox boots cold and the next one makes it again, as after
+    /// an unjailed restore that refused it.
+    pub fn template_state(config: &GuestVmConfig) -> Result<TemplateState, GuestVmError> {
         let Some(path) = config.template_path()? else {
-            return Ok(None);
+            return Ok(TemplateState::NotUsed);
         };
-        if path.exists() {
-            return Ok(Some(path));
+        if !path.exists() {
+            return Ok(TemplateState::Missing(path));
         }
-        match make_template(config, &path) {
-            Ok(()) => Ok(Some(path)),
-            Err(e) => {
-                log::warn!("making template {}: {e}; booting cold", path.display());
-                Ok(None)
+        match super::snapshot::file::read(&path) {
+            Ok(_) => Ok(TemplateState::Ready(path)),
+            Err(e) if e.snapshot_unusable() => {
+                log::warn!(
+                    "template {} is unusable ({e}): removed; booting cold",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(&path);
+                Ok(TemplateState::Removed)
             }
+            Err(e) => Err(GuestVmError::Build(Box::new(e.into()))),
         }
+    }
+
+    /// Boots a VM of `config` to agent ready and saves it as the template at `path` (see
+    /// [`GuestVm::template_state`]). Only husk's kernel and agent have run in that guest
+    /// when it is saved: no container, no share mounted.
+    pub fn make_template(config: &GuestVmConfig, path: &Path) -> Result<(), GuestVmError> {
+        make_template(config, path)
     }
 
     fn boot_cold(config: &GuestVmConfig) -> Result<Self, GuestVmError> {

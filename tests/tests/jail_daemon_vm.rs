@@ -1,0 +1,45 @@
+//! The jailed vmm daemon's failure path, without booting a guest (needs root and
+//! /dev/kvm): `husk create --isolation vm` with a kernel that is not an ELF file gets
+//! through the launcher (share, virtiofsd, `Jail::enter`) and fails in the jailed child
+//! when it loads the kernel. The error must name the cause, and nothing may be left: no
+//! state, mount or process under `--root` (virtiofsd included), no jail directory, no
+//! cgroup.
+
+use std::path::Path;
+use std::time::Duration;
+
+use husk_tests::cli::{bundle, Guest, Husk};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+#[test]
+fn a_jailed_vmm_that_fails_to_boot_leaves_nothing() {
+    let kernel_dir = tempfile::tempdir().unwrap();
+    let kernel = kernel_dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"not an ELF kernel").unwrap();
+    let mut h = Husk::new(Guest::MicroVm).with_global_args(&["--kernel", kernel.to_str().unwrap()]);
+    let b = bundle("true");
+    let id = "jail-fail";
+    let out = h.run_for(
+        &[
+            "create",
+            "--no-template",
+            "-b",
+            b.path().to_str().unwrap(),
+            id,
+        ],
+        TIMEOUT,
+    );
+    assert_ne!(out.code, Some(0), "create succeeded: {out:?}");
+    eprintln!("create failed as it should: {}", out.stderr.trim());
+    assert!(
+        out.stderr.contains("vmlinux") || out.stderr.contains("ELF"),
+        "the error must say what failed: {}",
+        out.stderr
+    );
+    h.assert_nothing_left();
+    for controller in husk::jailer::cgroup::CONTROLLERS {
+        let dir = husk::jailer::cgroup::cgroup_dir(Path::new("/sys/fs/cgroup"), controller, id);
+        assert!(!dir.exists(), "cgroup {} left", dir.display());
+    }
+}
