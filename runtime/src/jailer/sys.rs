@@ -124,8 +124,11 @@ impl Sys for RealSys {
         path.symlink_metadata().is_ok()
     }
     fn link_or_copy(&self, from: &Path, to: &Path) -> io::Result<()> {
-        match std::fs::hard_link(from, to) {
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => std::fs::copy(from, to).map(drop),
+        // The file itself, never a symlink to it: link(2) would link the symlink, whose
+        // target is out of the jail's reach (the build output links to a cache).
+        let from = std::fs::canonicalize(from)?;
+        match std::fs::hard_link(&from, to) {
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => std::fs::copy(&from, to).map(drop),
             other => other,
         }
     }
