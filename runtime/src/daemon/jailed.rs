@@ -330,10 +330,12 @@ fn jailed_main(
     config: &DaemonConfig,
     layout: Layout,
     prepared: Prepared,
-    handed: Handed,
+    mut handed: Handed,
     jail: Jail,
     result: ReadyWriter,
 ) -> i32 {
+    // The template as the jail holds it (`JailConfig::files` has only the template).
+    handed.template = handed.template.and(jail.files.first().cloned());
     let GuestKind::Vm { initrd, .. } = &config.guest else {
         result.err("a jail holds microVM guests only");
         return LOST;

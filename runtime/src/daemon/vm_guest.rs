@@ -21,7 +21,8 @@ pub struct Handed {
     pub virtiofsd: Arc<UnixStream>,
     /// The NIC over a tap opened in the container's network namespace.
     pub net: Option<GuestNet>,
-    /// The template to restore from, as the jailed vmm sees it.
+    /// The template to restore from: the launcher's host path, replaced by the path in
+    /// the jail once inside it.
     pub template: Option<PathBuf>,
 }
 
