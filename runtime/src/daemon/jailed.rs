@@ -91,6 +91,10 @@ impl HostSide {
 pub fn launch(config: &DaemonConfig, ready: ReadyWriter, log_fd: Option<RawFd>) -> i32 {
     let layout = config.layout();
     crate::seccomp::confine_process(run::seccomp_mode(config));
+    // Detected (and cached) here: the jail has no /sys, and the guest's command line (the
+    // PVM compatibility options) and the template key depend on it.
+    let mode = crate::host::HostMode::detect();
+    log::info!("host KVM mode: {}", mode.as_str());
     let prepared = match prepare(config, &layout) {
         Ok(p) => p,
         Err(e) => {
@@ -178,7 +182,14 @@ fn host_side(
             .ok_or_else(not_a_vm)?
             .with_netns(prepared.netns.clone()),
     );
-    let guest_config = owner.guest_config(&layout.share_dir(), &run_dir);
+    // The template VM's sockets (vsock, its own virtiofsd) in a directory of their own,
+    // apart from the sandbox's virtiofsd socket and pid file.
+    let template_run = run_dir.join("template");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&template_run)
+        .map_err(io_err("creating", &template_run))?;
+    let guest_config = owner.guest_config(&layout.share_dir(), &template_run);
     let net = owner.attach_netns(&run_dir);
     host.net_owner = Some(owner);
     let net: Option<GuestNet> = net?;
