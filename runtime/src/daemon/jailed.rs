@@ -44,8 +44,9 @@ use crate::vmm::guest::{GuestNet, GuestVm, GuestVmConfig, TemplateState, VIRTIOF
 /// Exit code when the launcher or the jailed vmm failed before the container existed.
 const LOST: i32 = 255;
 /// How long the jailed vmm may take to have the container at the exec barrier (a cold
-/// boot on a PVM host is ~60 s; `create` itself gives up later than this).
-const JAILED_CREATE_TIMEOUT: Duration = Duration::from_secs(600);
+/// boot on a PVM host is ~60 s). Below `create`'s own 300 s, so that the launcher, which
+/// can kill the child and remove its jail, gives up first rather than being killed.
+const JAILED_CREATE_TIMEOUT: Duration = Duration::from_secs(240);
 /// The cgroup hierarchy (v1 on these hosts; see `jailer::cgroup`).
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -99,6 +100,9 @@ pub fn launch(config: &DaemonConfig, ready: ReadyWriter, log_fd: Option<RawFd>) 
         Ok(p) => p,
         Err(e) => {
             log::error!("create failed: {e}");
+            // run::prepare removed what it made; these two directories are empty.
+            let _ = std::fs::remove_dir(layout.host_run_dir());
+            let _ = std::fs::remove_dir(layout.jail_root());
             ready.err(&e.to_string());
             return LOST;
         }
