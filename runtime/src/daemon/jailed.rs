@@ -310,26 +310,33 @@ fn jail_config(
 }
 
 /// Refuses to go on unless the process has one thread (fork and unshare need it),
-/// naming the threads that are there.
+/// naming the threads that are there. A thread that was just joined (the network
+/// attachment's namespace worker) can stay listed for a moment: it gets a second.
 fn single_threaded() -> Result<(), DaemonError> {
     let task = Path::new("/proc/self/task");
-    let names: Vec<String> = std::fs::read_dir(task)
-        .map_err(io_err("counting threads in", task))?
-        .flatten()
-        .map(|t| {
-            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            format!("{} ({})", t.file_name().to_string_lossy(), comm.trim())
-        })
-        .collect();
-    if names.len() == 1 {
-        return Ok(());
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let names: Vec<String> = std::fs::read_dir(task)
+            .map_err(io_err("counting threads in", task))?
+            .flatten()
+            .map(|t| {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                format!("{} ({})", t.file_name().to_string_lossy(), comm.trim())
+            })
+            .collect();
+        if names.len() == 1 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io_err("checking the launcher is single-threaded", task)(
+                std::io::Error::other(format!(
+                    "threads {} are running; the launcher must start none before the jail",
+                    names.join(", ")
+                )),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    Err(io_err("checking the launcher is single-threaded", task)(
-        std::io::Error::other(format!(
-            "threads {} are running; the launcher must start none before the jail",
-            names.join(", ")
-        )),
-    ))
 }
 
 /// Reports `msg` to `create` after undoing the host side.
