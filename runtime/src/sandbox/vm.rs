@@ -313,29 +313,27 @@ impl Sandbox for VmSandbox {
                 "container {id}: --preserve-fds is not supported with --isolation vm (host fds cannot cross into the guest); use --isolation container"
             )));
         }
+        let guest = guest_kind(
+            id,
+            &opts.guest_artifacts,
+            entry
+                .dir()
+                .parent()
+                .filter(|_| !opts.no_template)
+                .map(|root| root.join(TEMPLATES_DIR)),
+        )?;
+        // A microVM's vmm runs jailed (daemon::jailed); the test-only host agent cannot be
+        // (it spawns the agent as a host process).
+        let jail = matches!(guest, GuestKind::Vm { .. });
         let config = DaemonConfig {
             id: id.to_string(),
             entry: entry.dir().to_path_buf(),
             bundle: bundle.path.clone(),
             rootfs: bundle.rootfs(),
             console_socket: opts.console_socket.clone(),
-            guest: guest_kind(
-                id,
-                &opts.guest_artifacts,
-                entry
-                    .dir()
-                    .parent()
-                    .filter(|_| !opts.no_template)
-                    .map(|root| root.join(TEMPLATES_DIR)),
-            )?,
+            guest,
+            jail,
             seccomp: opts.seccomp.to_string(),
-            jail: false,
-        };
-        // A microVM's vmm runs jailed (daemon::jailed); the test-only host agent cannot be
-        // (it spawns the agent as a host process).
-        let config = DaemonConfig {
-            jail: matches!(config.guest, GuestKind::Vm { .. }),
-            ..config
         };
         let layout = config.layout();
         config.write().map_err(|e| backend_err(id, "create", e))?;
