@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use husk_tests::cli::{bundle, Guest, Husk};
+use husk_tests::cli::{bundle, wait_child, Guest, Husk};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -44,8 +44,45 @@ fn a_jailed_vmm_that_fails_to_boot_leaves_nothing() {
         out.stderr
     );
     h.assert_nothing_left();
+    assert_no_cgroup(id);
+}
+
+fn assert_no_cgroup(id: &str) {
     for controller in husk::jailer::cgroup::CONTROLLERS {
         let dir = husk::jailer::cgroup::cgroup_dir(Path::new("/sys/fs/cgroup"), controller, id);
         assert!(!dir.exists(), "cgroup {} left", dir.display());
     }
+}
+
+#[test]
+fn a_launcher_that_fails_before_the_jail_leaves_nothing() {
+    let mut h = Husk::new(Guest::MicroVm);
+    let b = bundle("true");
+    let id = "jail-nofsd";
+    let missing = "/nonexistent/husk-test/virtiofsd";
+    h.track(&[id]);
+    let dir = tempfile::tempdir().unwrap();
+    let err_file = dir.path().join("err");
+    let mut create = h
+        .command(&[
+            "create",
+            "--no-template",
+            "-b",
+            b.path().to_str().unwrap(),
+            id,
+        ])
+        .env("HUSK_VIRTIOFSD", missing)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_file).unwrap())
+        .spawn()
+        .unwrap();
+    let code = wait_child(&mut create, TIMEOUT);
+    let err = std::fs::read_to_string(&err_file).unwrap();
+    assert_ne!(code, Some(0), "create succeeded: {err}");
+    assert!(
+        err.contains(missing),
+        "the error must name virtiofsd: {err}"
+    );
+    h.assert_nothing_left();
+    assert_no_cgroup(id);
 }
