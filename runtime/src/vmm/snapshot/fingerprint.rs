@@ -38,8 +38,8 @@ fn hash_file(h: &mut Sha256, path: &Path) -> Result<(), SnapshotError> {
         path: path.to_owned(),
         source,
     })?;
-    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    h.update(canonical.as_os_str().as_encoded_bytes());
+    // The file's identity, not its name: a jailed vmm sees the same kernel (a hard link,
+    // same inode) as `/vmlinux`, and its restore must match the template its launcher made.
     for v in [
         meta.len(),
         meta.ino(),
