@@ -7,6 +7,8 @@
 //!   (Firecracker's hybrid vsock convention), then the socket is the stream.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,6 +26,27 @@ pub enum ConnectError {
     HandshakeIo { port: u32, source: io::Error },
     /// the VMM refused CONNECT {port}: it answered {reply:?} (is the agent listening on that port?)
     Refused { port: u32, reply: String },
+}
+
+/// Longest socket path connected to directly (`sun_path` holds 108 bytes with its NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Connects to a Unix socket whose path may exceed `sun_path`: a jailed vmm's sockets sit
+/// deep under `--root` (`<root>/<id>/vm/<id>/jail/run/`), and Docker's 64-character ids
+/// push them past the limit. The directory is then opened with O_PATH and the socket
+/// reached as `/proc/self/fd/N/<name>`, which is short whatever the directory.
+pub fn connect_unix(path: &Path) -> io::Result<UnixStream> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return UnixStream::connect(path);
+    };
+    if path.as_os_str().len() <= SUN_PATH_MAX {
+        return UnixStream::connect(path);
+    }
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)?;
+    UnixStream::connect(PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name))
 }
 
 /// Opens a stream to one of the agent's ports.
@@ -51,7 +74,7 @@ impl UnixDirConnector {
 impl Connector for UnixDirConnector {
     fn connect(&self, port: u32) -> Result<UnixStream, ConnectError> {
         let path = Self::socket_path(&self.dir, port);
-        UnixStream::connect(&path).map_err(|source| ConnectError::Connect { path, port, source })
+        connect_unix(&path).map_err(|source| ConnectError::Connect { path, port, source })
     }
 }
 
@@ -79,12 +102,11 @@ impl HybridVsockConnector {
 
 impl Connector for HybridVsockConnector {
     fn connect(&self, port: u32) -> Result<UnixStream, ConnectError> {
-        let mut stream =
-            UnixStream::connect(&self.uds_path).map_err(|source| ConnectError::Connect {
-                path: self.uds_path.clone(),
-                port,
-                source,
-            })?;
+        let mut stream = connect_unix(&self.uds_path).map_err(|source| ConnectError::Connect {
+            path: self.uds_path.clone(),
+            port,
+            source,
+        })?;
         let io_err = |source| ConnectError::HandshakeIo { port, source };
         stream
             .write_all(format!("CONNECT {port}\n").as_bytes())
@@ -126,6 +148,25 @@ mod tests {
     use std::thread;
 
     use super::*;
+
+    #[test]
+    fn a_socket_path_longer_than_sun_path_is_reached_through_its_directory() {
+        let root = std::env::temp_dir().join(format!("husk-long-{}", std::process::id()));
+        let dir = root.join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        assert!(path.as_os_str().len() > SUN_PATH_MAX);
+        // The listener binds through the same kind of short path.
+        let held = std::fs::File::open(&dir).unwrap();
+        let listener = UnixListener::bind(
+            PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd())).join("control.sock"),
+        )
+        .unwrap();
+        let client = thread::spawn(move || connect_unix(&path).map(drop));
+        listener.accept().unwrap();
+        client.join().unwrap().unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     /// A stand-in for the VMM's hybrid vsock socket: reads the CONNECT line, answers
     /// `reply`, then echoes one line so we can check the stream carries data after it.

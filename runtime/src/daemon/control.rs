@@ -269,7 +269,7 @@ pub fn call(path: &Path, request: ControlRequest) -> Result<ControlResponse, Con
         path: path.to_path_buf(),
         source,
     };
-    let stream = UnixStream::connect(path).map_err(unreachable)?;
+    let stream = husk_protocol::connector::connect_unix(path).map_err(unreachable)?;
     stream
         .set_read_timeout(Some(CALL_TIMEOUT))
         .map_err(unreachable)?;
