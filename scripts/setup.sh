@@ -10,6 +10,7 @@ APT_PACKAGES=(
     build-essential pkg-config   # C toolchain for -sys crates and the kernel
     libseccomp-dev libcap-ng-dev # libcontainer (static libseccomp.a for the agent), virtiofsd
     busybox-static cpio          # the demo/test rootfs; cpio for inspecting initramfs files
+    e2fsprogs                    # mke2fs/debugfs: the guest root disk image and its tests
     runc                         # reference runtime for the CLI conformance suite
     containerd docker.io         # engines driving husk in the full-path shim and Docker tests
     flex bison libelf-dev bc xz-utils linux-source-6.1 # the guest kernel
@@ -79,6 +80,8 @@ build_guest_files() {
     stage "guest initramfs, demo bundle, OCI image tarball"
     "$rootfs" initramfs --agent "$HUSK_REPO/target/x86_64-unknown-linux-gnu/release/husk-agent" \
         --out "$HUSK_OUT/initramfs.cpio"
+    "$rootfs" root-disk --agent "$HUSK_REPO/target/x86_64-unknown-linux-gnu/release/husk-agent" \
+        --out "$HUSK_OUT/guest-root.img"
     "$rootfs" bundle --force --out "$HUSK_OUT/bundle"
     "$rootfs" image --out "$HUSK_OUT/busybox-oci.tar"
 }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use husk_rootfs::initramfs::AddSpec;
-use husk_rootfs::{bundle, busybox, image, initramfs};
+use husk_rootfs::{bundle, busybox, image, initramfs, root_disk};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +29,18 @@ enum Command {
         #[arg(long)]
         agent: PathBuf,
         /// Where to write the cpio archive.
+        #[arg(long)]
+        out: PathBuf,
+        /// Add a host file or directory tree at DEST (repeatable; symlinks and modes kept).
+        #[arg(long = "add", value_name = "SRC:DEST")]
+        adds: Vec<AddSpec>,
+    },
+    /// Read-only ext4 root disk image with the static agent as /init (the guest reads only what it touches).
+    RootDisk {
+        /// The statically linked husk-agent binary.
+        #[arg(long)]
+        agent: PathBuf,
+        /// Where to write the disk image.
         #[arg(long)]
         out: PathBuf,
         /// Add a host file or directory tree at DEST (repeatable; symlinks and modes kept).
@@ -79,6 +91,11 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Initramfs { agent, out, adds } => {
             let tree = initramfs::tree(&agent, &adds)?;
             write_atomically(&out, |file| Ok(initramfs::write_cpio(&tree, file)?))?;
+        }
+        Command::RootDisk { agent, out, adds } => {
+            // The same tree as the initramfs: same files, same checks of the agent.
+            let tree = initramfs::tree(&agent, &adds)?;
+            root_disk::write_root_disk(&tree, &out)?;
         }
         Command::Bundle {
             out,
