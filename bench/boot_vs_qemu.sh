@@ -7,7 +7,14 @@
 # Usage: bench/boot_vs_qemu.sh [RUNS]          (default 3 boots per VMM)
 # Environment:
 #   HUSK_BIN                 default target/release/husk, else target/debug/husk
-#   HUSK_KERNEL, HUSK_INITRD default target/husk/vmlinux, target/husk/initramfs.cpio
+#   HUSK_KERNEL, HUSK_INITRD default target/husk/vmlinux, and the guest image husk uses:
+#                            target/husk/guest-root.img (root disk) if built, else
+#                            target/husk/initramfs.cpio. IMAGE=initramfs picks the latter.
+#
+# A root disk image goes to both VMMs as a read-only virtio-blk device (QEMU:
+# `-drive ...,readonly=on -device virtio-blk-device`, and `acpi=off` so that QEMU puts the
+# virtio-mmio device on the kernel command line, as husk does: the guest kernel has no
+# ACPI) with `root=/dev/vda ro rootfstype=ext4 init=/init` on the command line.
 #   VCPUS (1), MEM_MIB (128), CPU_TEMPLATE (husk's --cpu-template, default: husk's default)
 #   EXTRA                    kernel arguments added for both VMMs (e.g. "quiet")
 #   TIMEOUT_S (300)          per boot
@@ -32,7 +39,13 @@ mem=${MEM_MIB:-128}
 timeout_s=${TIMEOUT_S:-300}
 extra=${EXTRA:-}
 kernel=${HUSK_KERNEL:-$repo/target/husk/vmlinux}
-initrd=${HUSK_INITRD:-$repo/target/husk/initramfs.cpio}
+if [ -n "${HUSK_INITRD:-}" ]; then
+    initrd=$HUSK_INITRD
+elif [ "${IMAGE:-disk}" = disk ] && [ -f "$repo/target/husk/guest-root.img" ]; then
+    initrd=$repo/target/husk/guest-root.img
+else
+    initrd=$repo/target/husk/initramfs.cpio
+fi
 bin=${HUSK_BIN:-}
 if [ -z "$bin" ]; then
     for candidate in "$repo/target/release/husk" "$repo/target/debug/husk"; do
@@ -42,7 +55,17 @@ fi
 die() { echo "boot_vs_qemu: $*" >&2; exit 1; }
 [ -n "$bin" ] && [ -x "$bin" ] || die "no husk binary: run cargo build -p husk"
 [ -f "$kernel" ] || die "no guest kernel at $kernel: run scripts/setup.sh"
-[ -f "$initrd" ] || die "no initramfs at $initrd: run scripts/setup.sh"
+[ -f "$initrd" ] || die "no guest image at $initrd: run scripts/setup.sh"
+# An ext2/3/4 superblock magic (0xef53 at byte 1080) marks a root disk image.
+if [ "$(od -An -tx1 -j1080 -N2 "$initrd" | tr -d ' \n')" = 53ef ]; then
+    image_kind=disk
+    qemu_image=(-M microvm,x-option-roms=off,rtc=off,acpi=off
+        -drive "id=root,file=$initrd,format=raw,if=none,readonly=on"
+        -device virtio-blk-device,drive=root)
+else
+    image_kind=initramfs
+    qemu_image=(-M microvm,x-option-roms=off,rtc=off -initrd "$initrd")
+fi
 
 # Setup: QEMU from Debian's package (the peer VMM of shared/substrate.md).
 if ! command -v qemu-system-x86_64 >/dev/null; then
@@ -56,6 +79,8 @@ cmdline="$(cat "$repo/guest-kernel-config/cmdline.base")"
 if [ -d /sys/module/kvm_pvm ]; then
     cmdline="$cmdline $(cat "$repo/guest-kernel-config/cmdline.pvm")"
 fi
+# husk adds this itself for a root disk (runtime/src/vmm/boot/mod.rs, ROOT_DISK_CMDLINE).
+[ "$image_kind" = disk ] && cmdline="$cmdline root=/dev/vda ro rootfstype=ext4 init=/init"
 cmdline="$cmdline $extra"
 template_arg=()
 [ -n "${CPU_TEMPLATE:-}" ] && template_arg=(--cpu-template "$CPU_TEMPLATE")
@@ -81,9 +106,9 @@ boot_once() {
             --mem-mib "$mem" "${template_arg[@]}" --timeout "$timeout_s" \
             --cmdline-extra "$extra" </dev/null > >(stamp >>"$log") 2>&1 &
     else
-        qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off -enable-kvm \
+        qemu-system-x86_64 "${qemu_image[@]}" -enable-kvm \
             -cpu qemu64,+x2apic,+xsaveerptr -m "$mem" -smp "$vcpus" -nographic -no-reboot \
-            -kernel "$kernel" -initrd "$initrd" -append "$cmdline" \
+            -kernel "$kernel" -append "$cmdline" \
             </dev/null > >(stamp >>"$log") 2>&1 &
     fi
     local pid=$!
@@ -106,7 +131,7 @@ median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (
 
 echo "boot_vs_qemu: $runs boots each, alternating; ${vcpus} vCPU, ${mem} MiB"
 echo "  kernel $kernel"
-echo "  initrd $initrd ($(stat -c %s "$initrd") bytes)"
+echo "  image  $initrd ($image_kind, $(stat -c %s "$initrd") bytes)"
 echo "  husk   $bin ${template_arg[*]:-(default CPU template)}"
 echo "  qemu   $(qemu-system-x86_64 --version | head -1), -cpu qemu64,+x2apic,+xsaveerptr"
 echo "  other builds or tests may share the 2 cores during these runs"
@@ -114,7 +139,7 @@ printf '%-5s %-4s %10s %10s %14s\n' vmm run run_init_s ready_s husk_port_ms
 for run in $(seq 1 "$runs"); do
     for vmm in husk qemu; do
         log=$work/$vmm.$run.log
-        flock /tmp/husk-vm.lock bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra cmdline); boot_once $vmm $log"
+        flock /tmp/husk-vm.lock bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra cmdline qemu_image); boot_once $vmm $log"
         init=$(seen_at "$log" 'Run /init as init process')
         ready=$(seen_at "$log" 'husk-agent: ready')
         port=$(sed -n 's/.*boot: ready after \([0-9]*\) ms.*/\1/p' "$log" | tail -1)

@@ -201,9 +201,21 @@ fn root_off_initramfs() -> Result<(), InitError> {
     chdir("/").map_err(err("chdir /"))
 }
 
+/// Whether `/` is still the kernel's initial root (the unpacked initramfs, ramfs or
+/// tmpfs) rather than a root disk the kernel mounted over it, which already has a parent.
+fn root_is_initramfs() -> bool {
+    use nix::sys::statfs::{statfs, FsType};
+    /// `RAMFS_MAGIC` of linux/magic.h (libc does not export it).
+    const RAMFS_MAGIC: libc::__fsword_t = 0x8584_58f6;
+    let initial = [FsType(RAMFS_MAGIC), FsType(libc::TMPFS_MAGIC)];
+    statfs("/").is_ok_and(|fs| initial.contains(&fs.filesystem_type()))
+}
+
 /// Everything PID 1 does before it can serve the host.
 pub fn prepare_guest() -> Result<(), InitError> {
-    root_off_initramfs()?;
+    if root_is_initramfs() {
+        root_off_initramfs()?;
+    }
     mount_base()?;
     nix::unistd::sethostname(HOSTNAME).map_err(InitError::Hostname)?;
     log(&crate::vector_state::report(

@@ -1,4 +1,9 @@
-//! Where the guest kernel, the initramfs and virtiofsd are found.
+//! Where the guest kernel, the guest image and virtiofsd are found.
+//!
+//! The guest image (`--initrd`) is the guest's root: the read-only ext4 root disk
+//! `guest-root.img` (served as virtio-blk: the guest reads only what it touches) is
+//! preferred to the initramfs `initramfs.cpio` (copied whole by the guest kernel) where
+//! both were built.
 //!
 //! Order: an explicit path (flag), then `HUSK_KERNEL` / `HUSK_INITRD` / `HUSK_VIRTIOFSD`,
 //! then what the project's build produced next to the binary (`target/husk/` for
@@ -25,18 +30,19 @@ impl Artifact {
         }
     }
 
-    fn file_name(self) -> &'static str {
+    /// The names looked for in each place, best first.
+    fn file_names(self) -> &'static [&'static str] {
         match self {
-            Artifact::Kernel => "vmlinux",
-            Artifact::Initrd => "initramfs.cpio",
-            Artifact::Virtiofsd => "virtiofsd",
+            Artifact::Kernel => &["vmlinux"],
+            Artifact::Initrd => &[ROOT_DISK_FILE, "initramfs.cpio"],
+            Artifact::Virtiofsd => &["virtiofsd"],
         }
     }
 
     fn what(self) -> &'static str {
         match self {
             Artifact::Kernel => "guest kernel",
-            Artifact::Initrd => "guest initramfs",
+            Artifact::Initrd => "guest image (root disk or initramfs)",
             Artifact::Virtiofsd => "virtiofsd",
         }
     }
@@ -49,6 +55,9 @@ impl Artifact {
         }
     }
 }
+
+/// The root disk image `scripts/setup.sh` builds (`husk-rootfs root-disk`).
+pub const ROOT_DISK_FILE: &str = "guest-root.img";
 
 /// Errors locating guest artifacts.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -106,23 +115,23 @@ fn locate_in(
             })
         };
     }
-    let mut candidates: Vec<PathBuf> = Vec::new();
+    let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(dir) = exe.and_then(build_output_dir) {
-        candidates.push(dir.join(artifact.file_name()));
+        dirs.push(dir);
     }
     match artifact {
         // A host program: wherever the system installed it.
-        Artifact::Virtiofsd => candidates.extend(
+        Artifact::Virtiofsd => dirs.extend(
             path_var
-                .map(|p| {
-                    std::env::split_paths(p)
-                        .map(|d| d.join(artifact.file_name()))
-                        .collect::<Vec<_>>()
-                })
+                .map(|p| std::env::split_paths(p).collect::<Vec<_>>())
                 .unwrap_or_default(),
         ),
-        _ => candidates.push(Path::new("/usr/share/husk").join(artifact.file_name())),
+        _ => dirs.push(PathBuf::from("/usr/share/husk")),
     }
+    let candidates: Vec<PathBuf> = dirs
+        .iter()
+        .flat_map(|dir| artifact.file_names().iter().map(|name| dir.join(name)))
+        .collect();
     if let Some(found) = candidates.iter().find(|p| p.exists()) {
         return Ok(found.clone());
     }
@@ -179,6 +188,10 @@ mod tests {
         std::fs::write(out.join("initramfs.cpio"), b"x").unwrap();
         let found = locate_in(Artifact::Initrd, None, None, Some(&exe), None).unwrap();
         assert_eq!(found, out.join("initramfs.cpio"));
+        // Where both were built, the root disk is the guest image.
+        std::fs::write(out.join(ROOT_DISK_FILE), b"x").unwrap();
+        let found = locate_in(Artifact::Initrd, None, None, Some(&exe), None).unwrap();
+        assert_eq!(found, out.join(ROOT_DISK_FILE));
         let err = locate_in(Artifact::Kernel, None, None, Some(&exe), None)
             .unwrap_err()
             .to_string();

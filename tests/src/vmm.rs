@@ -102,19 +102,38 @@ pub fn workspace_artifact_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/husk")
 }
 
-/// The guest kernel or initramfs for full-path tests: `HUSK_KERNEL` / `HUSK_INITRD`, else
-/// `target/husk/`. Fails (never skips) with the way to get it when it is missing.
+/// The guest kernel or guest image for full-path tests: `HUSK_KERNEL` / `HUSK_INITRD`,
+/// else `target/husk/` (the root disk image before the initramfs, as `husk` picks).
+/// Fails (never skips) with the way to get it when it is missing.
 pub fn guest_artifact(artifact: husk::artifacts::Artifact) -> std::path::PathBuf {
-    use husk::artifacts::{locate, Artifact};
-    let (name, var) = match artifact {
-        Artifact::Kernel => ("vmlinux", "HUSK_KERNEL"),
-        Artifact::Initrd => ("initramfs.cpio", "HUSK_INITRD"),
+    use husk::artifacts::{locate, Artifact, ROOT_DISK_FILE};
+    let (names, var): (&[&str], _) = match artifact {
+        Artifact::Kernel => (&["vmlinux"], "HUSK_KERNEL"),
+        Artifact::Initrd => (&[ROOT_DISK_FILE, INITRAMFS_FILE], "HUSK_INITRD"),
         other => panic!("{other:?} is not a guest artifact"),
     };
-    let in_target = workspace_artifact_dir().join(name);
-    let use_target = std::env::var_os(var).is_none() && in_target.exists();
-    locate(artifact, use_target.then_some(in_target.as_path()))
+    let in_target = names
+        .iter()
+        .map(|name| workspace_artifact_dir().join(name))
+        .find(|path| path.exists());
+    let use_target = in_target.filter(|_| std::env::var_os(var).is_none());
+    locate(artifact, use_target.as_deref())
         .unwrap_or_else(|e| panic!("full-path VM tests need the guest artifacts: {e}"))
+}
+
+/// The initramfs `scripts/setup.sh` builds next to the root disk.
+pub const INITRAMFS_FILE: &str = "initramfs.cpio";
+
+/// The initramfs form of the guest image (`target/husk/initramfs.cpio`), for the tests
+/// that boot it rather than the root disk.
+pub fn guest_initramfs() -> std::path::PathBuf {
+    let path = workspace_artifact_dir().join(INITRAMFS_FILE);
+    assert!(
+        path.exists(),
+        "{} is missing; run scripts/setup.sh",
+        path.display()
+    );
+    path
 }
 
 /// The `husk` binary of this workspace (built by `cargo build -p husk`).

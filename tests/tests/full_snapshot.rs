@@ -61,7 +61,7 @@ impl Guest {
         };
         Self {
             kernel: copy(Artifact::Kernel, "vmlinux"),
-            initrd: copy(Artifact::Initrd, "initramfs.cpio"),
+            initrd: copy(Artifact::Initrd, "guest-image"),
         }
     }
 }

@@ -10,13 +10,14 @@ use husk::host::HostMode;
 use husk::vmm::{
     BootSource, ConsoleOutput, GuestExit, RunOptions, SharedBuffer, VmBuilder, VmConfig,
 };
-use husk_tests::vmm::{guest_artifact, husk_binary, require_kvm};
+use husk_tests::vmm::{guest_artifact, guest_initramfs, husk_binary, require_kvm};
 
 /// Generous: the target is ready within 90 s of VMM start, but tests may share the two
 /// cores with builds and with each other.
 const READY_TIMEOUT: Duration = Duration::from_secs(400);
 
-fn boot_until_ready(vcpus: u8, mem_mib: u64) -> String {
+/// Boots `image` (the root disk or the initramfs) until the agent is ready; the console.
+fn boot_until_ready(vcpus: u8, mem_mib: u64, image: std::path::PathBuf) -> String {
     require_kvm();
     let console = SharedBuffer::default();
     let config = VmConfig {
@@ -25,7 +26,7 @@ fn boot_until_ready(vcpus: u8, mem_mib: u64) -> String {
         mem_mib,
         boot: BootSource::Linux {
             kernel: guest_artifact(Artifact::Kernel),
-            initrd: Some(guest_artifact(Artifact::Initrd)),
+            initrd: Some(image),
             cmdline_extra: String::new(),
         },
         console: ConsoleOutput::Buffer(console.clone()),
@@ -91,14 +92,31 @@ fn assert_vector_state(console: &str) {
 }
 
 #[test]
-fn linux_guest_with_one_vcpu_boots_until_the_agent_is_ready() {
-    let console = boot_until_ready(1, 128);
+fn linux_guest_with_one_vcpu_boots_its_root_disk_until_the_agent_is_ready() {
+    let image = guest_artifact(Artifact::Initrd);
+    let console = boot_until_ready(1, 128, image);
     assert!(console.contains("Processors: 1"), "console:\n{console}");
+    // The root disk: served by virtio-blk, mounted read-only, no initramfs to unpack.
+    for line in [
+        "virtio_blk virtio0: [vda]",
+        "VFS: Mounted root (ext4 filesystem) readonly",
+    ] {
+        assert!(console.contains(line), "{line:?} missing:\n{console}");
+    }
+    assert!(
+        !console.contains("Unpacking initramfs"),
+        "console:\n{console}"
+    );
 }
 
 #[test]
 fn linux_guest_with_two_vcpus_brings_up_both_cpus_and_becomes_ready() {
-    let console = boot_until_ready(2, 256);
+    // The initramfs form of the guest image: the other way to boot, kept working.
+    let console = boot_until_ready(2, 256, guest_initramfs());
+    assert!(
+        console.contains("Unpacking initramfs"),
+        "console:\n{console}"
+    );
     assert!(
         console.contains("Processors: 2"),
         "MP table must list 2 CPUs:\n{console}"

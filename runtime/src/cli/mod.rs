@@ -71,7 +71,7 @@ pub struct Global {
     /// Guest kernel for --isolation vm
     #[arg(long, global = true, env = "HUSK_KERNEL")]
     pub kernel: Option<PathBuf>,
-    /// Guest initramfs for --isolation vm
+    /// Guest image for --isolation vm: a root disk image (husk-rootfs root-disk) or an initramfs
     #[arg(long, global = true, env = "HUSK_INITRD")]
     pub initrd: Option<PathBuf>,
     /// Isolation level when the bundle has no io.husk.isolation annotation [default: vm]

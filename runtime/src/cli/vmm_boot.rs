@@ -18,7 +18,7 @@ pub struct Args {
     /// Guest kernel (ELF vmlinux). Default: $HUSK_KERNEL, then the build output.
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Guest initramfs (uncompressed cpio). Default: $HUSK_INITRD, then the build output.
+    /// Guest image: a read-only ext4 root disk (husk-rootfs root-disk) or an uncompressed cpio initramfs. Default: $HUSK_INITRD, then the build output.
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// Appended to the kernel command line.

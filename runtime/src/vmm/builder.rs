@@ -2,6 +2,7 @@
 //! KVM and the VM, guest memory, legacy devices, virtio-mmio devices (added by the caller
 //! through [`VmBuilder::add_mmio_device`]), then the boot source and the vCPUs.
 
+use std::path::Path;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -116,6 +117,8 @@ pub struct VmBuilder {
     mmio: Bus,
     legacy: LegacyDevices,
     mmio_slots: Vec<MmioSlot>,
+    /// Where a Linux guest's root comes from (initramfs or root disk).
+    guest_root: boot::GuestRoot,
     /// The devices `VmConfig::devices` asked for, driven by the VM's event loop.
     devices: DeviceSet,
     /// Set by [`VmBuilder::restore`]: `start` restores this instead of booting.
@@ -157,6 +160,10 @@ impl VmBuilder {
         kvm::register_memory(&vm, &mem)?;
         let mut pio = Bus::new();
         let legacy = add_legacy_devices(&vm, &mut pio, config.console, start)?;
+        let guest_root = match &config.boot {
+            BootSource::Linux { initrd, .. } => boot::GuestRoot::of(initrd.as_deref())?,
+            BootSource::Raw { .. } => boot::GuestRoot::Builtin,
+        };
         let mut builder = Self {
             start,
             vcpus: config.vcpus,
@@ -171,10 +178,12 @@ impl VmBuilder {
             mmio: Bus::new(),
             legacy,
             mmio_slots: Vec::new(),
+            guest_root,
             restoring,
             devices: DeviceSet::default(),
         };
-        builder.devices = DeviceSet::create(&mut builder, &config.devices)?;
+        let root_disk = builder.guest_root.disk().map(Path::to_path_buf);
+        builder.devices = DeviceSet::create(&mut builder, &config.devices, root_disk.as_deref())?;
         Ok(builder)
     }
 
@@ -226,6 +235,9 @@ impl VmBuilder {
             line.add_virtio_mmio_device(slot.size, GuestAddress(slot.base), slot.irq, None)
                 .map_err(|e| BootError::from(cmdline::CmdlineError::Invalid(e)))?;
         }
+        if self.guest_root.disk().is_some() {
+            cmdline::append(&mut line, boot::ROOT_DISK_CMDLINE).map_err(BootError::from)?;
+        }
         if let BootSource::Linux { cmdline_extra, .. } = &self.boot {
             cmdline::append(&mut line, cmdline_extra).map_err(BootError::from)?;
         }
@@ -234,7 +246,7 @@ impl VmBuilder {
 
     fn load_boot_source(&self) -> Result<BootEntry, BuildError> {
         Ok(match &self.boot {
-            BootSource::Linux { kernel, initrd, .. } => {
+            BootSource::Linux { kernel, .. } => {
                 let line = self.kernel_cmdline()?;
                 log::info!(
                     "kernel command line: {}",
@@ -242,7 +254,8 @@ impl VmBuilder {
                         .map(|c| c.to_string_lossy().into_owned())
                         .unwrap_or_default()
                 );
-                boot::load_linux(&self.mem, kernel, initrd.as_deref(), &line, self.vcpus)?
+                let initramfs = self.guest_root.initramfs();
+                boot::load_linux(&self.mem, kernel, initramfs, &line, self.vcpus)?
             }
             BootSource::Raw {
                 code,

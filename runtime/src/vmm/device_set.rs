@@ -1,4 +1,5 @@
-//! The virtio devices a [`VmConfig`](super::VmConfig) asks for (vsock, virtio-fs shares):
+//! The virtio devices a [`VmConfig`](super::VmConfig) asks for (the root disk, vsock,
+//! virtio-fs shares, a NIC):
 //! created at build time, then driven by the VM's event loop, which polls
 //! [`DeviceSet::event_sources`] and hands each ready fd to [`DeviceSet::handle`].
 //!
@@ -8,6 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
@@ -17,6 +19,7 @@ use super::builder::{BuildError, VmBuilder};
 use super::config::{
     FsBackend, FsShareConfig, NetDeviceConfig, VirtioDevicesConfig, VsockDeviceConfig,
 };
+use super::devices::virtio::block::{Block, BlockError, BlockEvent};
 use super::devices::virtio::fs::{
     FsConfig, FsError, FsEvent, VirtioFs, VirtiofsdConfig, DEFAULT_REPLY_TIMEOUT,
 };
@@ -28,6 +31,8 @@ use super::devices::virtio::VirtioDevice;
 /// Errors creating or running the configured devices.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum DeviceSetError {
+    /// root disk: {0}
+    Block(#[from] BlockError),
     /// vsock device ({path}): {source}
     Vsock { path: String, source: VsockError },
     /// virtio-fs share {tag:?} ({dir}): {source}
@@ -48,11 +53,15 @@ pub enum DeviceSetError {
     Activation(#[from] ActivationFailed),
 }
 
+/// The root disk's serial (`/sys/block/vda/serial` in the guest).
+const ROOT_DISK_SERIAL: &str = "husk-root";
+
 /// What one polled fd stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceEvent {
     /// A transport's deferred activation is due.
     Activate(usize),
+    Block(BlockEvent),
     Vsock(VsockEvent),
     /// An event of the n-th share's device.
     Fs(usize, FsEvent),
@@ -77,6 +86,7 @@ struct Share {
 /// side (so clients see EOF, not a hang) and stops virtiofsd.
 #[derive(Default)]
 pub struct DeviceSet {
+    root_disk: Option<Arc<Mutex<Block>>>,
     vsock: Option<Arc<Mutex<Vsock>>>,
     shares: Vec<Share>,
     net: Option<Arc<Mutex<Net>>>,
@@ -85,14 +95,20 @@ pub struct DeviceSet {
 }
 
 impl DeviceSet {
-    /// Creates the devices of `config` and places them on `builder`'s MMIO bus. On error
-    /// nothing keeps running: devices created so far are dropped (virtiofsd killed,
-    /// sockets removed).
+    /// Creates the devices of `config` and places them on `builder`'s MMIO bus, the root
+    /// disk image first when there is one. On error nothing keeps running: devices
+    /// created so far are dropped (virtiofsd killed, sockets removed).
     pub fn create(
         builder: &mut VmBuilder,
         config: &VirtioDevicesConfig,
+        root_disk: Option<&Path>,
     ) -> Result<Self, DeviceSetError> {
         let mut set = Self::default();
+        if let Some(image) = root_disk {
+            let device = Arc::new(Mutex::new(Block::open(image, ROOT_DISK_SERIAL)?));
+            set.place(builder, device.clone())?;
+            set.root_disk = Some(device);
+        }
         if let Some(vsock) = &config.vsock {
             set.add_vsock(builder, vsock)?;
         }
@@ -226,6 +242,14 @@ impl DeviceSet {
             .enumerate()
             .map(|(i, (_, evt))| (evt.as_raw_fd(), DeviceEvent::Activate(i)))
             .collect();
+        if let Some(disk) = &self.root_disk {
+            let disk = disk.lock().expect("virtio-blk lock poisoned");
+            sources.extend(
+                disk.event_sources()
+                    .iter()
+                    .map(|&(fd, ev)| (fd, DeviceEvent::Block(ev))),
+            );
+        }
         if let Some(vsock) = &self.vsock {
             let vsock = vsock.lock().expect("vsock lock poisoned");
             sources.extend(
@@ -259,6 +283,7 @@ impl DeviceSet {
     pub fn handle(&mut self, event: DeviceEvent, fd: RawFd) -> Result<Handled, DeviceSetError> {
         match event {
             DeviceEvent::Activate(i) => self.activate(i)?,
+            DeviceEvent::Block(ev) => self.block_event(ev),
             DeviceEvent::Vsock(ev) => self.vsock_event(ev),
             DeviceEvent::Net(ev) => self.net_event(ev),
             DeviceEvent::Fs(i, ev) => {
@@ -295,12 +320,24 @@ impl DeviceSet {
             info!("virtio device in slot {index} activated");
             // Queue kicks that arrived before the activation were consumed by an inactive
             // device: look at the queues once now.
+            self.block_event(BlockEvent::Queue);
             self.vsock_event(VsockEvent::TxQueue);
             self.vsock_event(VsockEvent::RxQueue);
             self.net_event(NetEvent::TxQueue);
             self.net_event(NetEvent::RxQueue);
         }
         Ok(())
+    }
+
+    /// Block errors are logged (the interrupt could not be raised; the device stays usable).
+    fn block_event(&self, event: BlockEvent) {
+        let Some(disk) = &self.root_disk else {
+            return;
+        };
+        let mut disk = disk.lock().expect("virtio-blk lock poisoned");
+        if let Err(e) = disk.process(event) {
+            warn!("virtio-blk: {e}");
+        }
     }
 
     /// Net errors are logged (a frame is lost, the device stays usable).

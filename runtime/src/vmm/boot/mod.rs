@@ -8,7 +8,7 @@ pub mod mptable;
 pub mod msrs;
 pub mod regs;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -27,8 +27,68 @@ pub enum BootError {
     Mptable(#[from] mptable::MptableError),
     /// {0}
     Regs(#[from] regs::RegsError),
+    /// cannot read the guest image {path}: {source}
+    GuestImage {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// the guest program ({len} bytes at {addr:#x}) does not fit in guest memory or overlaps the boot tables (load it at or above {HIMEM_START:#x} for long mode, or between 0x1000 and 0x7000 for real mode)
     RawProgram { addr: u64, len: usize },
+}
+
+/// Where a Linux guest's root file system comes from: the file given as its initrd is
+/// either an initramfs (cpio, copied into memory by the boot loader and unpacked by the
+/// kernel) or a read-only ext4 root disk image (husk-rootfs root-disk), which the VMM
+/// serves as a virtio-blk device and the kernel mounts as `/`: the guest then reads only
+/// the pages it touches instead of copying the whole image in emulated code on PVM hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRoot {
+    /// No initrd: the kernel's built-in initramfs.
+    Builtin,
+    Initramfs(PathBuf),
+    Disk(PathBuf),
+}
+
+/// The kernel arguments that mount the root disk (the only block device, so `vda`) and
+/// run the agent from it. `ro`: the image is shared by every sandbox.
+pub const ROOT_DISK_CMDLINE: &str = "root=/dev/vda ro rootfstype=ext4 init=/init";
+
+impl GuestRoot {
+    /// Tells the two kinds of image apart by content (an ext2/3/4 superblock magic).
+    pub fn of(initrd: Option<&Path>) -> Result<Self, BootError> {
+        let Some(path) = initrd else {
+            return Ok(Self::Builtin);
+        };
+        let err = |source| BootError::GuestImage {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(err)?;
+        Ok(
+            if crate::vmm::devices::virtio::block::is_ext_image(&file).map_err(err)? {
+                Self::Disk(path.to_path_buf())
+            } else {
+                Self::Initramfs(path.to_path_buf())
+            },
+        )
+    }
+
+    /// The image the boot loader copies into memory, if any.
+    pub fn initramfs(&self) -> Option<&Path> {
+        match self {
+            Self::Initramfs(path) => Some(path),
+            _ => None,
+        }
+    }
+
+    /// The image served as the root disk, if any.
+    pub fn disk(&self) -> Option<&Path> {
+        match self {
+            Self::Disk(path) => Some(path),
+            _ => None,
+        }
+    }
 }
 
 /// Where and how the boot vCPU starts.

@@ -6,6 +6,7 @@
 //! then on is driven by the VMM event loop (queue notification eventfds) and raises
 //! interrupts through [`Interrupt`].
 
+pub mod block;
 pub mod fs;
 pub mod interrupt;
 pub mod mmio;
@@ -49,6 +50,7 @@ pub mod features {
 pub mod device_type {
     use virtio_bindings::virtio_ids as ids;
 
+    pub const BLOCK: u32 = ids::VIRTIO_ID_BLOCK;
     pub const NET: u32 = ids::VIRTIO_ID_NET;
     pub const VSOCK: u32 = ids::VIRTIO_ID_VSOCK;
     pub const FS: u32 = ids::VIRTIO_ID_FS;
