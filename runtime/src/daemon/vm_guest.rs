@@ -43,6 +43,13 @@ pub struct MicroVm {
     vm: Option<GuestVm>,
 }
 
+/// Kernel arguments of every sandbox's guest. `quiet`: only kernel warnings and errors
+/// (and the agent's own lines) reach the console log. Each console byte is a port write
+/// the VMM handles, driven by emulated guest-kernel code on PVM hosts: measured 24.05 s
+/// to agent ready instead of 25.84 s (medians of 3 alternating boots of the root disk,
+/// release husk, 1 vCPU / 128 MiB).
+pub const SANDBOX_KERNEL_ARGS: &str = "quiet";
+
 impl MicroVm {
     /// None when `kind` is not a VM.
     pub fn new(kind: &GuestKind) -> Option<Self> {
@@ -85,6 +92,9 @@ impl MicroVm {
     }
 
     /// The guest's configuration with the sockets in `run_dir`.
+    ///
+    /// Sandboxes boot with [`SANDBOX_KERNEL_ARGS`]; `husk vmm boot` shows the full kernel
+    /// log for debugging a guest.
     pub fn guest_config(&self, share_dir: &Path, run_dir: &Path) -> GuestVmConfig {
         let mut config = GuestVmConfig::new(run_dir, share_dir);
         config.kernel = Some(self.kernel.clone());
@@ -93,6 +103,7 @@ impl MicroVm {
         config.mem_mib = self.mem_mib;
         // The daemon's stdio is the container's: the guest console goes to the log.
         config.console = ConsoleOutput::Log;
+        config.cmdline_extra = SANDBOX_KERNEL_ARGS.into();
         // With a NIC the guest boots cold (a template has none; GuestVm decides).
         config.template_dir = self.template_dir.clone();
         config
