@@ -5,7 +5,7 @@
 #
 # The container's command is replaced (its rootfs is used in place): a copy of the
 # bundle's config.json in a temporary bundle directory points root.path at it.
-# Booting takes ~45 s on PVM hosts (shared/substrate.md); the VM lock keeps one real
+# Booting takes ~25-30 s on PVM hosts (bench/README.md); the VM lock keeps one real
 # guest booting at a time on a shared machine.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
