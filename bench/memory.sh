@@ -36,6 +36,21 @@ descendants() {
     for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do echo "$c"; descendants "$c"; done
 }
 
+# sandbox_virtiofsd DAEMON_PID SANDBOX_DIR: the virtiofsd processes of one sandbox. An
+# unjailed daemon's are its descendants; a jailed vmm's were started by its launcher, which
+# has exited, so they are found by the sandbox directory in their command line.
+sandbox_virtiofsd() {
+    local c
+    {
+        for c in $(descendants "$1"); do
+            [ "$(cat /proc/"$c"/comm 2>/dev/null)" = virtiofsd ] && echo "$c"
+        done
+        for c in $(pgrep -x virtiofsd); do
+            tr '\0' ' ' <"/proc/$c/cmdline" 2>/dev/null | grep -qF -- "$2" && echo "$c"
+        done
+    } | sort -u || true
+}
+
 key=mem-$k
 # One after the other: 4 cold boots together on 2 PVM cores passed husk's 300 s create
 # timeout; from the template each later start takes seconds.
@@ -78,11 +93,9 @@ for i in $(seq "$k"); do
     own+=("$(( (rss - shmem) / 1024 ))")
     guest+=("$(( shmem / 1024 ))")
     v=0 p=$(pss_kib "$d")
-    for c in $(descendants "$d"); do
-        if [ "$(cat /proc/"$c"/comm 2>/dev/null)" = virtiofsd ]; then
-            v=$(( v + $(kib VmRSS "$c") ))
-            p=$(( p + $(pss_kib "$c") ))
-        fi
+    for c in $(sandbox_virtiofsd "$d" "$work/root/m$i/"); do
+        v=$(( v + $(kib VmRSS "$c") ))
+        p=$(( p + $(pss_kib "$c") ))
     done
     vfs+=("$(awk -v v="$v" 'BEGIN { printf "%.1f", v / 1024 }')")
     pss+=("$(awk -v v="$p" 'BEGIN { printf "%.1f", v / 1024 }')")

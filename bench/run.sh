@@ -96,7 +96,7 @@ machine's 2 cores during this run (load average before: $load_before, after: $lo
 - commit: $commit, $(build_note)
 - runc $(runc --version 2>/dev/null | awk 'NR == 1 { print $3 }'), crun $(crun --version 2>/dev/null | awk 'NR == 1 { print $3 }'), containerd $(containerd --version 2>/dev/null | awk '{ print $3 }'), docker $(dockerd --version 2>/dev/null | awk '{ print $3 }' | tr -d ,)
 - guest (husk-vm): 1 vCPU, 128 MiB, the busybox bundle on virtio-fs; PVM host, where every
-  guest kernel instruction is emulated (shared/substrate.md): boot takes ~40 s here
+  guest kernel instruction is emulated (shared/substrate.md): a cold boot takes ~25 s here (root disk)
 - crun: runs in a private mount namespace where cgroup2's controllers file is hidden by an
   empty bind mount (it refuses hybrid cgroup hosts); the \`nsenter\` it needs is timed alone
 EOF
