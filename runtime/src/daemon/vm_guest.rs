@@ -47,7 +47,7 @@ pub struct MicroVm {
 /// (and the agent's own lines) reach the console log. Each console byte is a port write
 /// the VMM handles, driven by emulated guest-kernel code on PVM hosts: measured 24.05 s
 /// to agent ready instead of 25.84 s (medians of 3 alternating boots of the root disk,
-/// release husk, 1 vCPU / 128 MiB).
+/// release husk, 1 vCPU / 128 MiB: `bench/kernel_args_ab.sh 3 quiet`).
 pub const SANDBOX_KERNEL_ARGS: &str = "quiet";
 
 impl MicroVm {
