@@ -21,32 +21,26 @@ struct Cli {
     command: Command,
 }
 
+/// What both forms of the guest root are made of, and where to write it.
+#[derive(clap::Args)]
+struct GuestRootArgs {
+    /// The statically linked husk-agent binary.
+    #[arg(long)]
+    agent: PathBuf,
+    /// Where to write the file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Add a host file or directory tree at DEST (repeatable; symlinks and modes kept).
+    #[arg(long = "add", value_name = "SRC:DEST")]
+    adds: Vec<AddSpec>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Uncompressed newc cpio with the static agent as /init.
-    Initramfs {
-        /// The statically linked husk-agent binary.
-        #[arg(long)]
-        agent: PathBuf,
-        /// Where to write the cpio archive.
-        #[arg(long)]
-        out: PathBuf,
-        /// Add a host file or directory tree at DEST (repeatable; symlinks and modes kept).
-        #[arg(long = "add", value_name = "SRC:DEST")]
-        adds: Vec<AddSpec>,
-    },
+    Initramfs(GuestRootArgs),
     /// Read-only ext4 root disk image with the static agent as /init (the guest reads only what it touches).
-    RootDisk {
-        /// The statically linked husk-agent binary.
-        #[arg(long)]
-        agent: PathBuf,
-        /// Where to write the disk image.
-        #[arg(long)]
-        out: PathBuf,
-        /// Add a host file or directory tree at DEST (repeatable; symlinks and modes kept).
-        #[arg(long = "add", value_name = "SRC:DEST")]
-        adds: Vec<AddSpec>,
-    },
+    RootDisk(GuestRootArgs),
     /// OCI bundle (config.json + busybox rootfs/).
     Bundle {
         /// Bundle directory; must be empty or missing unless --force.
@@ -88,11 +82,11 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Initramfs { agent, out, adds } => {
+        Command::Initramfs(GuestRootArgs { agent, out, adds }) => {
             let tree = initramfs::tree(&agent, &adds)?;
             write_atomically(&out, |file| Ok(initramfs::write_cpio(&tree, file)?))?;
         }
-        Command::RootDisk { agent, out, adds } => {
+        Command::RootDisk(GuestRootArgs { agent, out, adds }) => {
             // The same tree as the initramfs: same files, same checks of the agent.
             let tree = initramfs::tree(&agent, &adds)?;
             root_disk::write_root_disk(&tree, &out)?;

@@ -3,9 +3,8 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use common::{husk_rootfs, husk_rootfs_ok, require_root, run, stderr, STATIC_BINARY};
 
@@ -96,47 +95,13 @@ fn init_is_a_0755_regular_file_and_console_a_char_device_5_1() {
 
 #[test]
 fn same_inputs_give_identical_bytes_whatever_the_file_times() {
-    let dir = tempfile::tempdir().unwrap();
-    let agent = dir.path().join("agent");
-    fs::copy(STATIC_BINARY, &agent).unwrap();
-    let tree = dir.path().join("tree");
-    fs::create_dir(&tree).unwrap();
-    fs::write(tree.join("b"), "b").unwrap();
-    fs::write(tree.join("a"), "a").unwrap();
-    let adds = [format!("{}:/data", tree.display())];
-
-    let first = build(dir.path(), "first.cpio", &agent, &adds);
-    let later = SystemTime::now() + Duration::from_secs(3600);
-    for path in [&agent, &tree.join("a")] {
-        fs::File::options()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
-    }
-    let second = build(dir.path(), "second.cpio", &agent, &adds);
-    let (first, second) = (fs::read(first).unwrap(), fs::read(second).unwrap());
-    assert!(first == second, "two builds from the same inputs differ");
+    common::assert_reproducible("cpio", build);
 }
 
 #[test]
 fn add_keeps_symlinks_modes_and_nested_trees() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    fs::create_dir_all(src.join("sub")).unwrap();
-    fs::write(src.join("file.txt"), "hello").unwrap();
-    fs::set_permissions(src.join("file.txt"), fs::Permissions::from_mode(0o640)).unwrap();
-    fs::write(src.join("sub/tool"), "#!/bin/sh\n").unwrap();
-    fs::set_permissions(src.join("sub/tool"), fs::Permissions::from_mode(0o700)).unwrap();
-    symlink("file.txt", src.join("relative-link")).unwrap();
-    symlink("/bin/busybox", src.join("absolute-link")).unwrap();
-    let single = dir.path().join("single");
-    fs::write(&single, "one file").unwrap();
-    let adds = [
-        format!("{}:/opt/data", src.display()),
-        format!("{}:/etc/single", single.display()),
-    ];
+    let adds = common::sample_adds(dir.path());
     let archive = build(
         dir.path(),
         "initramfs.cpio",

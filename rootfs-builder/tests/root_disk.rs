@@ -4,10 +4,9 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime};
 
 use common::{husk_rootfs, husk_rootfs_ok, require_root, stderr, STATIC_BINARY};
 
@@ -157,19 +156,7 @@ fn the_agent_dirs_exist_tmp_is_sticky_and_the_console_is_5_1() {
 #[test]
 fn added_files_symlinks_and_modes_show_up() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    fs::create_dir_all(src.join("sub")).unwrap();
-    fs::write(src.join("file.txt"), "hello").unwrap();
-    fs::set_permissions(src.join("file.txt"), fs::Permissions::from_mode(0o640)).unwrap();
-    fs::write(src.join("sub/tool"), "#!/bin/sh\n").unwrap();
-    fs::set_permissions(src.join("sub/tool"), fs::Permissions::from_mode(0o700)).unwrap();
-    symlink("file.txt", src.join("relative-link")).unwrap();
-    let single = dir.path().join("single");
-    fs::write(&single, "one file").unwrap();
-    let adds = [
-        format!("{}:/opt/data", src.display()),
-        format!("{}:/etc/single", single.display()),
-    ];
+    let adds = common::sample_adds(dir.path());
     let image = build(dir.path(), "root.img", Path::new(STATIC_BINARY), &adds);
 
     assert_eq!(debugfs(&image, "cat /opt/data/file.txt"), "hello");
@@ -220,30 +207,7 @@ fn a_large_add_tree_fits() {
 
 #[test]
 fn same_inputs_give_identical_bytes_whatever_the_file_times() {
-    let dir = tempfile::tempdir().unwrap();
-    let agent = dir.path().join("agent");
-    fs::copy(STATIC_BINARY, &agent).unwrap();
-    let tree = dir.path().join("tree");
-    fs::create_dir(&tree).unwrap();
-    fs::write(tree.join("b"), "b").unwrap();
-    fs::write(tree.join("a"), "a").unwrap();
-    let adds = [format!("{}:/data", tree.display())];
-
-    let first = build(dir.path(), "first.img", &agent, &adds);
-    let later = SystemTime::now() + Duration::from_secs(3600);
-    for path in [&agent, &tree.join("a")] {
-        fs::File::options()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
-    }
-    // ctime moves on too, whole seconds apart.
-    std::thread::sleep(Duration::from_millis(1100));
-    let second = build(dir.path(), "second.img", &agent, &adds);
-    let (first, second) = (fs::read(first).unwrap(), fs::read(second).unwrap());
-    assert!(first == second, "two builds from the same inputs differ");
+    common::assert_reproducible("img", build);
 }
 
 #[test]
