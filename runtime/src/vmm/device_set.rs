@@ -329,35 +329,33 @@ impl DeviceSet {
         Ok(())
     }
 
-    /// Block errors are logged (the interrupt could not be raised; the device stays usable).
     fn block_event(&self, event: BlockEvent) {
-        let Some(disk) = &self.root_disk else {
-            return;
-        };
-        let mut disk = disk.lock().expect("virtio-blk lock poisoned");
-        if let Err(e) = disk.process(event) {
-            warn!("virtio-blk: {e}");
-        }
+        process_logged(&self.root_disk, "virtio-blk", |disk| disk.process(event));
     }
 
-    /// Net errors are logged (a frame is lost, the device stays usable).
     fn net_event(&self, event: NetEvent) {
-        let Some(net) = &self.net else {
-            return;
-        };
-        let mut net = net.lock().expect("virtio-net lock poisoned");
-        if let Err(e) = net.process(event) {
-            warn!("virtio-net: {e}");
-        }
+        process_logged(&self.net, "virtio-net", |net| net.process(event));
     }
 
     fn vsock_event(&self, event: VsockEvent) {
-        let Some(vsock) = &self.vsock else {
-            return;
-        };
-        let mut vsock = vsock.lock().expect("vsock lock poisoned");
-        if let Err(e) = vsock.process(event) {
-            warn!("vsock: {e}");
-        }
+        process_logged(&self.vsock, "vsock", |vsock| vsock.process(event));
+    }
+}
+
+/// Hands an event to `device`, if configured. Its errors are logged: a frame or request
+/// is lost, or an interrupt could not be raised, and the device stays usable.
+fn process_logged<D, E: std::fmt::Display>(
+    device: &Option<Arc<Mutex<D>>>,
+    name: &str,
+    process: impl FnOnce(&mut D) -> Result<(), E>,
+) {
+    let Some(device) = device else {
+        return;
+    };
+    let mut device = device
+        .lock()
+        .unwrap_or_else(|_| panic!("{name} lock poisoned"));
+    if let Err(e) = process(&mut device) {
+        warn!("{name}: {e}");
     }
 }

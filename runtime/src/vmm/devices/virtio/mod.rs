@@ -83,6 +83,35 @@ impl ActivateError {
     }
 }
 
+/// What a device works with from DRIVER_OK until reset: guest memory, the interrupt it
+/// raises and its queues (in queue index order), as [`VirtioDevice::activate`] got them.
+pub struct ActiveQueues {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<Interrupt>,
+    pub queues: Vec<Queue>,
+}
+
+impl ActiveQueues {
+    /// The activation of a device driven by its queues: the checks of
+    /// [`ActivateError::check`] against `slot` and `expected` queues, then `slot` holds
+    /// what the device works with.
+    pub fn activate(
+        slot: &mut Option<Self>,
+        expected: usize,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        ActivateError::check(slot.is_some(), expected, queues.len())?;
+        *slot = Some(Self {
+            mem,
+            interrupt,
+            queues,
+        });
+        Ok(())
+    }
+}
+
 /// Reads `data.len()` bytes of a device's config space at `offset`; bytes past its end
 /// read as zero (virtio 1.2, 4.2.2.1: the driver may read any width within the space).
 pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {

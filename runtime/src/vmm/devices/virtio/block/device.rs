@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::SECTOR_SIZE;
 use crate::vmm::devices::virtio::{
-    device_type, features, read_config_space, ActivateError, Interrupt, VirtioDevice,
+    device_type, features, read_config_space, ActivateError, ActiveQueues, Interrupt, VirtioDevice,
 };
 
 /// The only queue (5.2.2).
@@ -86,24 +86,16 @@ pub struct BlockStats {
     pub failed_requests: u64,
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-}
-
 /// The virtio-blk device.
 pub struct Block {
     disk: File,
-    path: PathBuf,
     capacity_sectors: u64,
     id: [u8; ID_BYTES],
-    acked_features: u64,
     queue_events: Vec<EventFd>,
     /// Reused between requests: data read from the file on its way to the guest.
     buffer: Vec<u8>,
     stats: BlockStats,
-    active: Option<Active>,
+    active: Option<ActiveQueues>,
 }
 
 impl Block {
@@ -132,19 +124,13 @@ impl Block {
             .map_err(BlockError::EventFd)?;
         Ok(Self {
             disk,
-            path: path.to_path_buf(),
             capacity_sectors,
             id: serial,
-            acked_features: 0,
             queue_events,
             buffer: Vec::new(),
             stats: BlockStats::default(),
             active: None,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -155,17 +141,9 @@ impl Block {
         self.stats
     }
 
-    pub fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    pub fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
     /// Serves every request in the queue, in order, then raises one interrupt.
     pub(super) fn process_queue(&mut self) -> Result<(), BlockError> {
-        let Some(Active {
+        let Some(ActiveQueues {
             mem,
             interrupt,
             queues,
@@ -347,9 +325,9 @@ impl VirtioDevice for Block {
         features::VERSION_1 | offered::OFFERED
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
+    /// Nothing here depends on what the driver accepted: RO and SEG_MAX only describe
+    /// the device.
+    fn ack_features(&mut self, _features: u64) {}
 
     /// `struct virtio_blk_config` up to `seg_max`; read-only.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -370,17 +348,10 @@ impl VirtioDevice for Block {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        ActivateError::check(self.active.is_some(), QUEUE_SIZES.len(), queues.len())?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
-        Ok(())
+        ActiveQueues::activate(&mut self.active, QUEUE_SIZES.len(), mem, interrupt, queues)
     }
 
     fn reset(&mut self) {
         self.active = None;
-        self.acked_features = 0;
     }
 }

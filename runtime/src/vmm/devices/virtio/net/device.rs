@@ -14,7 +14,7 @@ use super::rate_limiter::RateLimiter;
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::{offload, MAX_FRAME_LEN};
 use crate::vmm::devices::virtio::{
-    device_type, features, read_config_space, ActivateError, Interrupt, VirtioDevice,
+    device_type, features, read_config_space, ActivateError, ActiveQueues, Interrupt, VirtioDevice,
 };
 
 /// Queue indexes (5.1.2).
@@ -72,12 +72,6 @@ pub struct NetStats {
     pub tx_dropped: u64,
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-}
-
 /// The virtio-net device.
 pub struct Net {
     pub(super) tap: Tap,
@@ -95,7 +89,7 @@ pub struct Net {
     rx_limiter: Option<Box<dyn RateLimiter>>,
     tx_limiter: Option<Box<dyn RateLimiter>>,
     stats: NetStats,
-    active: Option<Active>,
+    active: Option<ActiveQueues>,
 }
 
 impl Net {
@@ -188,7 +182,7 @@ impl Net {
     /// Moves frames from the tap into guest RX buffers, in order, until the tap is empty
     /// or the guest has no buffer left (then the frame in hand waits for the next one).
     pub(super) fn process_rx(&mut self) -> Result<(), NetError> {
-        let Some(Active {
+        let Some(ActiveQueues {
             mem,
             interrupt,
             queues,
@@ -285,7 +279,7 @@ impl Net {
 
     /// Hands the guest's TX frames to the tap, in order.
     pub(super) fn process_tx(&mut self) -> Result<(), NetError> {
-        let Some(Active {
+        let Some(ActiveQueues {
             mem,
             interrupt,
             queues,
@@ -417,7 +411,7 @@ impl VirtioDevice for Net {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        ActivateError::check(self.active.is_some(), QUEUE_SIZES.len(), queues.len())?;
+        ActiveQueues::activate(&mut self.active, QUEUE_SIZES.len(), mem, interrupt, queues)?;
         // The tap may now give us what the guest takes. If the kernel refuses, frames
         // still arrive, fully checksummed: slower, still correct.
         if let Err(e) = self
@@ -426,11 +420,6 @@ impl VirtioDevice for Net {
         {
             warn!("net: {e}; receiving without offloads");
         }
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
         self.set_tap_interest(true)
             .map_err(|e| ActivateError::Backend(Box::new(e)))
     }

@@ -14,7 +14,7 @@ use super::packet::{Packet, HEADER_SIZE};
 use super::unix::{Muxer, MuxerError};
 use super::{DEFAULT_GUEST_CID, HOST_CID};
 use crate::vmm::devices::virtio::{
-    device_type, features, read_config_space, ActivateError, Interrupt, VirtioDevice,
+    device_type, features, read_config_space, ActivateError, ActiveQueues, Interrupt, VirtioDevice,
 };
 
 /// Queue indexes (5.10.2).
@@ -60,18 +60,12 @@ impl VsockConfig {
     }
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-}
-
 /// The virtio-vsock device.
 pub struct Vsock {
     guest_cid: u64,
     pub(super) muxer: Muxer,
     queue_events: Vec<EventFd>,
-    active: Option<Active>,
+    active: Option<ActiveQueues>,
 }
 
 impl Vsock {
@@ -103,7 +97,7 @@ impl Vsock {
 
     /// Fills guest RX buffers with what the muxer has for the guest.
     pub(super) fn process_rx(&mut self) -> Result<(), VsockError> {
-        let Some(Active {
+        let Some(ActiveQueues {
             mem,
             interrupt,
             queues,
@@ -155,7 +149,7 @@ impl Vsock {
 
     /// Hands the guest's TX packets to the muxer.
     pub(super) fn process_tx(&mut self) -> Result<(), VsockError> {
-        let Some(Active {
+        let Some(ActiveQueues {
             mem,
             interrupt,
             queues,
@@ -215,7 +209,7 @@ impl Vsock {
     /// re-reads the guest CID; listening sockets stay. Returns false when the device is not
     /// active or the guest posted no event buffer.
     pub fn send_transport_reset(&mut self) -> Result<bool, VsockError> {
-        let Some(Active {
+        let Some(ActiveQueues {
             mem,
             interrupt,
             queues,
@@ -287,13 +281,7 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        ActivateError::check(self.active.is_some(), QUEUE_SIZES.len(), queues.len())?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
-        Ok(())
+        ActiveQueues::activate(&mut self.active, QUEUE_SIZES.len(), mem, interrupt, queues)
     }
 
     fn reset(&mut self) {
