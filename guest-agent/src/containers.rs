@@ -187,8 +187,13 @@ impl Agent {
         mut spec: Spec,
         rootfs: &Path,
         stdio: StdioRequest,
+        pod_sandbox: Option<&str>,
     ) -> AgentResult<Response> {
         validate_spec(&spec, rootfs)?;
+        if let Some(sandbox) = pod_sandbox {
+            let sandbox_init = self.with_container(sandbox, |entry| Ok(entry.init_pid))?;
+            join_pod_namespaces(&mut spec, sandbox_init.as_raw());
+        }
         {
             let mut table = self.table();
             if table.contains_key(id) {
@@ -559,6 +564,36 @@ fn needs_loopback(spec: &Spec) -> bool {
         })
 }
 
+/// A pod member's namespaces as the guest has them: each namespace the spec names by
+/// path (the host's path of the pod's namespace, meaningless in the guest) becomes the
+/// pod sandbox container's namespace of that kind, `/proc/<its init>/ns/<kind>`.
+/// Namespaces without a path stay new ones, as the member's spec asks.
+fn join_pod_namespaces(spec: &mut Spec, sandbox_init: i32) {
+    use oci_spec::runtime::LinuxNamespaceType as Kind;
+    let Some(namespaces) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.namespaces_mut().as_mut())
+    else {
+        return;
+    };
+    for ns in namespaces.iter_mut().filter(|ns| ns.path().is_some()) {
+        let name = match ns.typ() {
+            Kind::Mount => "mnt",
+            Kind::Cgroup => "cgroup",
+            Kind::Uts => "uts",
+            Kind::Ipc => "ipc",
+            Kind::User => "user",
+            Kind::Pid => "pid",
+            Kind::Network => "net",
+            Kind::Time => "time",
+        };
+        ns.set_path(Some(PathBuf::from(format!(
+            "/proc/{sandbox_init}/ns/{name}"
+        ))));
+    }
+}
+
 fn container_delete(mut container: Container) -> Result<(), LibcontainerError> {
     container.delete(true)
 }
@@ -618,4 +653,58 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use oci_spec::runtime::{LinuxBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, SpecBuilder};
+
+    use super::*;
+
+    #[test]
+    fn a_pod_member_joins_the_sandbox_namespaces_it_names_by_path() {
+        let ns = |typ, path: Option<&str>| {
+            let b = LinuxNamespaceBuilder::default().typ(typ);
+            match path {
+                Some(p) => b.path(p).build().unwrap(),
+                None => b.build().unwrap(),
+            }
+        };
+        let mut spec = SpecBuilder::default()
+            .linux(
+                LinuxBuilder::default()
+                    .namespaces(vec![
+                        ns(LinuxNamespaceType::Mount, None),
+                        ns(LinuxNamespaceType::Network, Some("/var/run/netns/cni-1")),
+                        ns(LinuxNamespaceType::Ipc, Some("/proc/4242/ns/ipc")),
+                        ns(LinuxNamespaceType::Uts, Some("/proc/4242/ns/uts")),
+                        ns(LinuxNamespaceType::Pid, None),
+                    ])
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        join_pod_namespaces(&mut spec, 7);
+        let got: Vec<_> = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| (n.typ(), n.path().clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (LinuxNamespaceType::Mount, None),
+                (LinuxNamespaceType::Network, Some("/proc/7/ns/net".into())),
+                (LinuxNamespaceType::Ipc, Some("/proc/7/ns/ipc".into())),
+                (LinuxNamespaceType::Uts, Some("/proc/7/ns/uts".into())),
+                (LinuxNamespaceType::Pid, None),
+            ]
+        );
+    }
 }

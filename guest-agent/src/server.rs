@@ -116,7 +116,8 @@ fn dispatch(agent: &Agent, request: Request) -> Result<Response, AgentError> {
             spec,
             rootfs,
             stdio,
-        } => agent.create_container(&id, *spec, &rootfs, stdio),
+            pod_sandbox,
+        } => agent.create_container(&id, *spec, &rootfs, stdio, pod_sandbox.as_deref()),
         Request::StartContainer { id } => agent.start_container(&id),
         Request::ExecProcess {
             container_id,

@@ -342,3 +342,143 @@ fn ps_update_stats_and_kill_all_reach_the_guest_container() {
     h.must(&["delete", "p1"], T);
     h.assert_nothing_left();
 }
+
+/// CRI annotations making a bundle the pod `pod`'s sandbox container or one of its members.
+fn pod_role(bundle: &std::path::Path, role: &str, pod: &str) {
+    edit_config(bundle, |c| {
+        c["annotations"] = serde_json::json!({
+            "io.kubernetes.cri.container-type": role,
+            "io.kubernetes.cri.sandbox-id": pod,
+        })
+    });
+}
+
+/// A member joins the sandbox's namespaces that its spec names by (host) path.
+fn join_uts_by_path(bundle: &std::path::Path) {
+    edit_config(bundle, |c| {
+        let namespaces = c["linux"]["namespaces"].as_array_mut().unwrap();
+        namespaces.retain(|n| n["type"] != "uts");
+        namespaces.push(serde_json::json!({"type": "uts", "path": "/proc/1/ns/uts"}));
+        c.as_object_mut().unwrap().remove("hostname");
+    });
+}
+
+#[test]
+fn a_pod_member_runs_in_its_sandbox_and_joins_its_namespaces() {
+    let mut h = Husk::new(Guest::HostAgent);
+    let sandbox = bundle("sleep 100");
+    pod_role(sandbox.path(), "sandbox", "pod1");
+    edit_config(sandbox.path(), |c| c["hostname"] = "podhost".into());
+    h.must(
+        &[
+            "create",
+            "--bundle",
+            sandbox.path().to_str().unwrap(),
+            "pod1",
+        ],
+        T,
+    );
+    h.track(&["pod1"]);
+    h.must(&["start", "pod1"], T);
+    let daemons = || husk_tests::cli::processes_naming("vmm daemon").len();
+    let before = daemons();
+
+    step_member_exit_code_and_namespaces(&mut h);
+    assert_eq!(
+        daemons(),
+        before,
+        "a member must not start a VM daemon of its own"
+    );
+
+    // Killed through the agent; its process reports the signal.
+    let m = bundle("sleep 100");
+    pod_role(m.path(), "container", "pod1");
+    h.must(
+        &["create", "--bundle", m.path().to_str().unwrap(), "app2"],
+        T,
+    );
+    h.track(&["app2"]);
+    let pid = h.state("app2", T)["pid"].as_i64().unwrap();
+    h.must(&["start", "app2"], T);
+    h.wait_status("app2", "running", T);
+    let out = h.run_for(&["pause", "app2"], T);
+    assert!(
+        out.code != Some(0)
+            && out
+                .stderr
+                .contains("pause the pod's sandbox container pod1"),
+        "{out:?}"
+    );
+    h.must(&["kill", "app2", "KILL"], T);
+    assert_eq!(reap(pid as i32, T), 128 + 9);
+    h.must(&["delete", "app2"], T);
+    assert_eq!(h.state("pod1", T)["status"], "running", "the pod goes on");
+
+    // A member whose sandbox does not exist: a clear error, nothing made.
+    let lost = bundle("true");
+    pod_role(lost.path(), "container", "nopod");
+    let out = h.run_for(
+        &["create", "--bundle", lost.path().to_str().unwrap(), "lost1"],
+        T,
+    );
+    assert!(
+        out.code != Some(0)
+            && out.stderr.contains("nopod")
+            && out.stderr.contains("create the sandbox container first"),
+        "{out:?}"
+    );
+    assert!(h.run_for(&["state", "lost1"], T).code != Some(0));
+
+    h.must(&["delete", "--force", "pod1"], T);
+    h.assert_nothing_left();
+}
+
+fn step_member_exit_code_and_namespaces(h: &mut Husk) {
+    let m = bundle("hostname; cat /marker; exit 5");
+    pod_role(m.path(), "container", "pod1");
+    join_uts_by_path(m.path());
+    // The bundle's root is read-only inside the container only.
+    std::fs::write(m.path().join("rootfs/marker"), "member-rootfs\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().join("out");
+    let e = dir.path().join("err");
+    let status = h
+        .command(&["create", "--bundle", m.path().to_str().unwrap(), "app1"])
+        .stdout(File::create(&o).unwrap())
+        .stderr(File::create(&e).unwrap())
+        .status()
+        .unwrap();
+    h.track(&["app1"]);
+    assert!(
+        status.success(),
+        "create: {}",
+        std::fs::read_to_string(&e).unwrap()
+    );
+    let st = h.state("app1", T);
+    assert_eq!(st["status"], "created", "{st}");
+    let pid = st["pid"].as_i64().unwrap();
+    assert!(cmdline(pid).contains("vmm member"), "{}", cmdline(pid));
+    let mount = h.root().join("pod1/share/app1/rootfs");
+    assert!(
+        mount.join("bin/busybox").exists(),
+        "member rootfs not in the sandbox's share"
+    );
+    h.must(&["start", "app1"], T);
+    assert_eq!(
+        reap(pid as i32, T),
+        5,
+        "the member process exits with the member's code"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&o).unwrap(),
+        "podhost\nmember-rootfs\n",
+        "the member sees the sandbox's hostname (its uts namespace) and its own rootfs; stderr: {}",
+        std::fs::read_to_string(&e).unwrap()
+    );
+    assert_eq!(h.state("app1", T)["status"], "stopped");
+    h.must(&["delete", "app1"], T);
+    assert!(
+        !h.root().join("pod1/share/app1").exists(),
+        "delete removes the member's share"
+    );
+}

@@ -115,11 +115,25 @@ impl<S: Read + Write> AgentClient<S> {
         rootfs: impl Into<PathBuf>,
         stdio: StdioRequest,
     ) -> Result<Spawned, ClientError> {
+        self.create_pod_member(id, spec, rootfs, stdio, None)
+    }
+
+    /// Creates a container; with `pod_sandbox`, as a member of that sandbox container's
+    /// pod (see [`Request::CreateContainer`]).
+    pub fn create_pod_member(
+        &mut self,
+        id: &str,
+        spec: Spec,
+        rootfs: impl Into<PathBuf>,
+        stdio: StdioRequest,
+        pod_sandbox: Option<&str>,
+    ) -> Result<Spawned, ClientError> {
         let request = Request::CreateContainer {
             id: id.to_owned(),
             spec: Box::new(spec),
             rootfs: rootfs.into(),
             stdio,
+            pod_sandbox: pod_sandbox.map(str::to_owned),
         };
         self.expect_spawned(&request)
     }

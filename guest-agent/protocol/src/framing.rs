@@ -105,6 +105,14 @@ mod tests {
                 spec: Box::new(spec),
                 rootfs: "/run/rootfs".into(),
                 stdio: StdioRequest { stdin: true },
+                pod_sandbox: None,
+            },
+            Request::CreateContainer {
+                id: "m1".into(),
+                spec: Box::new(oci_spec::runtime::Spec::default()),
+                rootfs: "/run/m1".into(),
+                stdio: StdioRequest::default(),
+                pod_sandbox: Some("c1".into()),
             },
             Request::StartContainer { id: "c1".into() },
             Request::ExecProcess {
@@ -200,6 +208,7 @@ mod tests {
             spec: Box::new(spec),
             rootfs: "/".into(),
             stdio: StdioRequest::default(),
+            pod_sandbox: None,
         };
         let mut out = Vec::new();
         let err = write_frame(&mut out, &request).unwrap_err();

@@ -115,6 +115,11 @@ pub enum Request {
         spec: Box<Spec>,
         rootfs: PathBuf,
         stdio: StdioRequest,
+        /// A member of a pod: the id of the pod's sandbox container in this guest. Each
+        /// namespace of `spec` that names a path (the host's view of the pod's namespace)
+        /// joins the sandbox container's namespace of that kind instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod_sandbox: Option<String>,
     },
     StartContainer {
         id: String,

@@ -12,6 +12,9 @@ pub enum Command {
     /// The host process of one `husk exec` in a VM (internal).
     #[command(hide = true)]
     ExecRelay(super::vmm_daemon::ExecRelayArgs),
+    /// The host process of a pod's container in its sandbox's VM (internal).
+    #[command(hide = true)]
+    Member(super::vmm_daemon::DaemonArgs),
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
@@ -19,5 +22,6 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Boot(args) => super::vmm_boot::run(args),
         Command::Daemon(args) => super::vmm_daemon::daemon(args),
         Command::ExecRelay(args) => super::vmm_daemon::exec_relay(args),
+        Command::Member(args) => super::vmm_daemon::member(args),
     }
 }

@@ -1,5 +1,6 @@
-//! Hidden `husk vmm daemon` and `husk vmm exec-relay`: the processes `husk create` and
-//! `husk exec` start for a VM container (see `husk::daemon`). Not for direct use.
+//! Hidden `husk vmm daemon`, `husk vmm exec-relay` and `husk vmm member`: the processes
+//! `husk create` and `husk exec` start for a VM container or a VM pod's member (see
+//! `husk::daemon`). Not for direct use.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +9,7 @@ use husk::daemon::exec::ExecRequest;
 
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
-    /// The daemon config written by `husk create`
+    /// The daemon (or member) config written by `husk create`
     #[arg(long)]
     config: PathBuf,
     /// The pipe on which to report `ok PID` or the error
@@ -54,4 +55,12 @@ pub fn exec_relay(args: ExecRelayArgs) -> anyhow::Result<ExitCode> {
         console_socket: args.console_socket,
     };
     Ok(exit(husk::daemon::exec::main(&request, args.ready_fd)))
+}
+
+pub fn member(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    husk::daemon::name_process(husk::daemon::EXEC_RELAY_PROCESS_NAME);
+    Ok(exit(husk::daemon::member::main(
+        &args.config,
+        args.ready_fd,
+    )))
 }

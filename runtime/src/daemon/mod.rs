@@ -26,6 +26,7 @@
 //! - [`ready`]: the pipe on which a child tells its parent "created, pid N" or why not.
 //! - [`share`]: the per-sandbox virtio-fs share and the rootfs bind mount.
 //! - [`exec`]: the helper process that represents one `husk exec` on the host.
+//! - [`member`]: the host process of a pod's container that runs in its sandbox's VM.
 //! - [`run`]: the daemon's main sequence.
 //!
 //! **Why two paths to the guest.** `start`, `state`, `kill`, `pause`/`resume` and
@@ -43,6 +44,7 @@ pub mod jailed;
 pub mod layout;
 pub mod liveness;
 pub mod logger;
+pub mod member;
 pub mod ready;
 pub mod relay;
 pub mod run;
@@ -116,7 +118,8 @@ pub(crate) fn agent_err(step: &'static str) -> impl FnOnce(ClientError) -> Daemo
 
 /// The name `ps` and `top` show for a sandbox's daemon (at most 15 bytes).
 pub const DAEMON_PROCESS_NAME: &str = "husk-daemon";
-/// The name `ps` and `top` show for a detached exec's relay (at most 15 bytes).
+/// The name `ps` and `top` show for a relay: a detached exec's, or a pod member's (at
+/// most 15 bytes).
 pub const EXEC_RELAY_PROCESS_NAME: &str = "husk-relay";
 
 /// Names this process, so operators (and a subreaper reaping orphans) can tell the

@@ -52,6 +52,10 @@ pub enum ShareError {
 }
 
 /// Creates the share and the rootfs bind mount. On failure nothing is left.
+///
+/// The share itself becomes a shared mount (a bind onto itself): virtiofsd, started
+/// later in a mount namespace of its own, then receives the binds made under the share
+/// afterwards, the rootfs of a pod's other containers ([`prepare_member`]).
 pub fn prepare(
     share_dir: &Path,
     mount_point: &Path,
@@ -65,15 +69,58 @@ pub fn prepare(
         path: mount_point.to_path_buf(),
         source,
     })?;
-    let bound = bind(rootfs, mount_point, readonly);
+    let bound = make_shared(share_dir).and_then(|()| bind(rootfs, mount_point, readonly, true));
     if bound.is_err() {
         let _ = remove(share_dir, mount_point);
     }
     bound
 }
 
-/// Binds `rootfs` (or any host path) at `mount_point`, private, read-only if asked.
-fn bind(rootfs: &Path, mount_point: &Path, readonly: bool) -> Result<(), ShareError> {
+/// Binds a pod member's rootfs at `mount_point` in its sandbox's share (`member_dir` is
+/// `share/<member id>`). Unlike the sandbox's own rootfs the bind stays shared, so that
+/// unmounting it on the host also unmounts virtiofsd's copy. On failure nothing is left.
+pub fn prepare_member(
+    member_dir: &Path,
+    mount_point: &Path,
+    rootfs: &Path,
+    readonly: bool,
+) -> Result<(), ShareError> {
+    if !rootfs.is_dir() {
+        return Err(ShareError::NoRootfs(rootfs.to_path_buf()));
+    }
+    std::fs::create_dir_all(mount_point).map_err(|source| ShareError::Mkdir {
+        path: mount_point.to_path_buf(),
+        source,
+    })?;
+    let bound = bind(rootfs, mount_point, readonly, false);
+    if bound.is_err() {
+        let _ = remove(member_dir, mount_point);
+    }
+    bound
+}
+
+/// Makes `dir` a mount point of its own (a bind onto itself) with shared propagation.
+fn make_shared(dir: &Path) -> Result<(), ShareError> {
+    let none: Option<&str> = None;
+    let err = |source| ShareError::Bind {
+        from: dir.to_path_buf(),
+        to: dir.to_path_buf(),
+        source,
+    };
+    if !is_mounted(dir) {
+        mount(Some(dir), dir, none, MsFlags::MS_BIND, none).map_err(err)?;
+    }
+    mount(none, dir, none, MsFlags::MS_SHARED, none).map_err(err)
+}
+
+/// Binds `rootfs` (or any host path) at `mount_point`, read-only if asked, and private
+/// if asked.
+fn bind(
+    rootfs: &Path,
+    mount_point: &Path,
+    readonly: bool,
+    private: bool,
+) -> Result<(), ShareError> {
     let err = |source| ShareError::Bind {
         from: rootfs.to_path_buf(),
         to: mount_point.to_path_buf(),
@@ -88,15 +135,17 @@ fn bind(rootfs: &Path, mount_point: &Path, readonly: bool) -> Result<(), ShareEr
         none,
     )
     .map_err(err)?;
-    // Private: mounts made later under the bundle's rootfs on the host must not
-    // propagate into the guest's view, nor ours back.
-    let _ = mount(
-        none,
-        mount_point,
-        none,
-        MsFlags::MS_PRIVATE | MsFlags::MS_REC,
-        none,
-    );
+    if private {
+        // Mounts made later under the bundle's rootfs on the host must not propagate
+        // into the guest's view, nor ours back.
+        let _ = mount(
+            none,
+            mount_point,
+            none,
+            MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+            none,
+        );
+    }
     if readonly {
         // A bind mount is made read-only by a remount of the bind itself.
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
@@ -157,7 +206,7 @@ pub fn bind_host_mounts(
             .options()
             .as_ref()
             .is_some_and(|o| o.iter().any(|o| o == "ro"));
-        bind(&source, &point, readonly)?;
+        bind(&source, &point, readonly, true)?;
         m.set_source(Some(guest_dir.join(n.to_string())));
     }
     Ok(())
@@ -289,6 +338,13 @@ pub fn remove(share_dir: &Path, mount_point: &Path) -> Result<(), ShareError> {
     }
     let mut dir = Some(mount_point);
     while let Some(d) = dir {
+        // The share's bind onto itself (see [`prepare`]).
+        while d == share_dir && is_mounted(d) {
+            umount2(d, MntFlags::MNT_DETACH).map_err(|source| ShareError::Unmount {
+                path: d.to_path_buf(),
+                source,
+            })?;
+        }
         match std::fs::remove_dir(d) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

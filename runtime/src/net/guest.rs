@@ -92,7 +92,9 @@ pub fn prepare_spec(
     Ok(netns)
 }
 
-fn copy_name_files(
+/// Copies the spec's name files (`/etc/hosts`, ...) into `host_dir`, in the share, and
+/// points their mounts at `guest_dir`, where the guest sees the copies.
+pub fn copy_name_files(
     spec: &mut Spec,
     host_dir: &Path,
     guest_dir: &Path,

@@ -34,6 +34,9 @@ pub struct Record {
     pub annotations: HashMap<String, String>,
     /// The pid `create` reported (container init, or the vmm daemon); None while creating.
     pub pid: Option<i32>,
+    /// A pod member that runs in its pod's sandbox (the sandbox container's id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_sandbox: Option<String>,
 }
 
 /// Errors of the state store.
@@ -249,6 +252,7 @@ mod tests {
             created: "2024-01-01T00:00:00Z".into(),
             annotations: HashMap::new(),
             pid: Some(7),
+            pod_sandbox: None,
         }
     }
 

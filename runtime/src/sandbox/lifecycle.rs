@@ -7,7 +7,8 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::LinuxResources;
 
-use super::{backend, CreateOptions, ExecOptions, Sandbox, SandboxError};
+use super::pod::Role;
+use super::{backend_of, CreateOptions, ExecOptions, Sandbox, SandboxError};
 use crate::oci::bundle::BundleError;
 use crate::oci::state::OCI_VERSION;
 use crate::oci::store::write_atomic;
@@ -30,13 +31,49 @@ pub enum LifecycleError {
     Wait { pid: i32, source: nix::Error },
     /// cannot become a child subreaper: {0}
     Subreaper(nix::Error),
+    /// container {id} belongs to the pod whose sandbox container is {sandbox_id} (annotation io.kubernetes.cri.sandbox-id), which does not exist under this root: create the sandbox container first
+    NoPodSandbox { id: String, sandbox_id: String },
 }
 
 fn open(store: &Store, id: &str) -> Result<(Entry, Record, Box<dyn Sandbox>), LifecycleError> {
     let entry = store.lock(id)?;
     let record = entry.read()?;
-    let sandbox = backend(record.isolation)?;
+    let sandbox = backend_of(
+        store.root(),
+        record.isolation,
+        record.pod_sandbox.as_deref(),
+    )?;
     Ok((entry, record, sandbox))
+}
+
+/// The pod sandbox a new container `id` runs in: with the CRI annotations of a pod
+/// member, the pod's sandbox container when that runs in a VM (the member joins it
+/// there). A member of a pod of plain containers is a container of its own that joins
+/// the sandbox's namespaces by their host paths, as with runc.
+fn pod_sandbox_of(
+    store: &Store,
+    id: &str,
+    isolation: Isolation,
+    bundle: &Bundle,
+) -> Result<Option<String>, LifecycleError> {
+    let annotations = bundle.spec.annotations().clone().unwrap_or_default();
+    let Role::Member { sandbox_id } = Role::of(id, &annotations) else {
+        return Ok(None);
+    };
+    if isolation != Isolation::Vm {
+        return Ok(None);
+    }
+    let sandbox = match store.lock(&sandbox_id) {
+        Ok(entry) => entry.read()?,
+        Err(StoreError::NotFound(_)) => {
+            return Err(LifecycleError::NoPodSandbox {
+                id: id.to_string(),
+                sandbox_id,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok((sandbox.isolation == Isolation::Vm && sandbox.pod_sandbox.is_none()).then_some(sandbox_id))
 }
 
 /// Creates container `id` from the bundle at `bundle_dir`; writes `pid_file` when given.
@@ -51,7 +88,8 @@ pub fn create(
 ) -> Result<i32, LifecycleError> {
     let bundle = Bundle::load(bundle_dir)?;
     let isolation = Isolation::choose(isolation, bundle.spec.annotations().as_ref())?;
-    let sandbox = backend(isolation)?;
+    let pod_sandbox = pod_sandbox_of(store, id, isolation, &bundle)?;
+    let sandbox = backend_of(store.root(), isolation, pod_sandbox.as_deref())?;
     let entry = store.reserve(id)?;
     let mut record = Record {
         id: id.to_string(),
@@ -61,6 +99,7 @@ pub fn create(
         created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
         annotations: bundle.spec.annotations().clone().unwrap_or_default(),
         pid: None,
+        pod_sandbox,
     };
     let created = (|| -> Result<i32, LifecycleError> {
         entry.write(&record)?;
@@ -250,6 +289,70 @@ mod tests {
         assert_eq!(std::fs::read_dir(store.root()).unwrap().count(), 0);
         let err = state(&store, "c").unwrap_err().to_string();
         assert!(err.contains("\"c\" does not exist"), "{err}");
+    }
+
+    #[test]
+    fn a_vm_pod_member_needs_its_sandbox_and_a_container_pod_member_does_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("root")).unwrap();
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        std::fs::write(
+            bundle.join("config.json"),
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0}},
+               "annotations":{"io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"pod9"}}"#,
+        )
+        .unwrap();
+        let b = Bundle::load(&bundle).unwrap();
+        let err = pod_sandbox_of(&store, "app", Isolation::Vm, &b).unwrap_err();
+        assert!(
+            matches!(&err, LifecycleError::NoPodSandbox { sandbox_id, .. } if sandbox_id == "pod9"),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains("create the sandbox container first"));
+        let err = create(
+            &store,
+            "app",
+            &bundle,
+            Some(Isolation::Vm),
+            &Default::default(),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, LifecycleError::NoPodSandbox { .. }), "{err}");
+        assert!(store.list().unwrap().is_empty(), "nothing made");
+        // Plain containers join the pod's namespaces by host path, as with runc.
+        assert_eq!(
+            pod_sandbox_of(&store, "app", Isolation::Container, &b).unwrap(),
+            None
+        );
+        // The sandbox's record decides: a VM sandbox takes its members in.
+        for (isolation, want) in [
+            (Isolation::Vm, Some("pod9".to_string())),
+            (Isolation::Container, None),
+        ] {
+            let entry = store.reserve("pod9").unwrap();
+            entry
+                .write(&Record {
+                    id: "pod9".into(),
+                    isolation,
+                    bundle: bundle.clone(),
+                    rootfs: bundle.join("rootfs"),
+                    created: String::new(),
+                    annotations: Default::default(),
+                    pid: Some(1),
+                    pod_sandbox: None,
+                })
+                .unwrap();
+            drop(entry);
+            assert_eq!(
+                pod_sandbox_of(&store, "app", Isolation::Vm, &b).unwrap(),
+                want
+            );
+            store.lock("pod9").unwrap().remove().unwrap();
+        }
     }
 
     #[test]

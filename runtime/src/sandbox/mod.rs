@@ -5,6 +5,8 @@
 //! - [`container::ContainerSandbox`]: `--isolation container`, libcontainer on the host.
 //! - [`vm::VmSandbox`]: `--isolation vm`, one microVM per container run by the
 //!   `husk vmm` daemon ([`crate::daemon`]) with the guest agent.
+//! - [`member::MemberSandbox`]: a container of a pod ([`pod`]) whose sandbox container
+//!   runs in a VM: it runs in that VM.
 //!
 //! Every method gets the container's locked store [`Entry`]: backends keep their own
 //! files in `entry.dir()`.
@@ -12,6 +14,8 @@
 pub mod container;
 pub mod husk_binary;
 pub mod lifecycle;
+pub mod member;
+pub mod pod;
 pub mod signal;
 pub mod vm;
 
@@ -144,6 +148,21 @@ pub fn backend(isolation: Isolation) -> Result<Box<dyn Sandbox>, SandboxError> {
     match isolation {
         Isolation::Container => Ok(Box::new(container::ContainerSandbox)),
         Isolation::Vm => Ok(Box::new(vm::VmSandbox)),
+    }
+}
+
+/// The backend of a container in the store: a VM pod's member runs in its sandbox.
+pub fn backend_of(
+    store_root: &std::path::Path,
+    isolation: Isolation,
+    pod_sandbox: Option<&str>,
+) -> Result<Box<dyn Sandbox>, SandboxError> {
+    match pod_sandbox {
+        Some(sandbox_id) => Ok(Box::new(member::MemberSandbox {
+            sandbox_id: sandbox_id.to_string(),
+            sandbox_dir: store_root.join(sandbox_id),
+        })),
+        None => backend(isolation),
     }
 }
 

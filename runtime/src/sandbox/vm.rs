@@ -34,7 +34,7 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VmSandbox;
 
-fn backend_err(id: &str, op: &'static str, message: impl ToString) -> SandboxError {
+pub(super) fn backend_err(id: &str, op: &'static str, message: impl ToString) -> SandboxError {
     SandboxError::Backend {
         id: id.to_string(),
         op,
@@ -52,7 +52,7 @@ fn hint(op: &'static str) -> &'static str {
     }
 }
 
-fn wrong_status(entry: &Entry, status: Status, op: &'static str) -> SandboxError {
+pub(super) fn wrong_status(entry: &Entry, status: Status, op: &'static str) -> SandboxError {
     SandboxError::WrongStatus {
         id: entry.id().to_string(),
         status,
@@ -63,7 +63,7 @@ fn wrong_status(entry: &Entry, status: Status, op: &'static str) -> SandboxError
 
 /// The husk binary, for the daemon and exec helpers (not the running program when that
 /// is the shim: see [`super::husk_binary`]).
-fn husk_binary(id: &str, op: &'static str) -> Result<PathBuf, SandboxError> {
+pub(super) fn husk_binary(id: &str, op: &'static str) -> Result<PathBuf, SandboxError> {
     super::husk_binary::find().map_err(|e| backend_err(id, op, e))
 }
 
@@ -96,20 +96,21 @@ fn guest_kind(
     })
 }
 
-/// The config the daemon was started with (None: create failed before writing it).
-fn daemon_config(entry: &Entry) -> Result<Option<DaemonConfig>, SandboxError> {
-    let path = Layout::new(entry.dir(), entry.id(), false).config();
+/// The config the daemon of the sandbox in `dir` was started with (None: create failed
+/// before writing it).
+pub(super) fn daemon_config(dir: &Path, id: &str) -> Result<Option<DaemonConfig>, SandboxError> {
+    let path = Layout::new(dir, id, false).config();
     if !path.exists() {
         return Ok(None);
     }
     DaemonConfig::read(&path)
         .map(Some)
-        .map_err(|e| backend_err(entry.id(), "state", e))
+        .map_err(|e| backend_err(id, "state", e))
 }
 
 /// The daemon if it is alive, with the sandbox's layout.
 fn daemon(entry: &Entry) -> Result<(Option<ProcessId>, Option<Layout>), SandboxError> {
-    let Some(config) = daemon_config(entry)? else {
+    let Some(config) = daemon_config(entry.dir(), entry.id())? else {
         return Ok((None, None));
     };
     let layout = config.layout();
@@ -121,7 +122,7 @@ fn daemon(entry: &Entry) -> Result<(Option<ProcessId>, Option<Layout>), SandboxE
 
 /// Gives the daemon or exec relay the stdio the caller chose (the shim's FIFOs);
 /// unset streams stay the caller's own, as runc's container would have them.
-fn with_stdio(command: &mut Command, stdio: &super::Stdio) -> std::io::Result<()> {
+pub(super) fn with_stdio(command: &mut Command, stdio: &super::Stdio) -> std::io::Result<()> {
     if let Some(fd) = &stdio.stdin {
         command.stdin(fd.try_clone()?);
     }
@@ -135,7 +136,7 @@ fn with_stdio(command: &mut Command, stdio: &super::Stdio) -> std::io::Result<()
 }
 
 /// Waits for a child's ready word; on failure the child is reaped (killed if needed).
-fn await_ready(
+pub(super) fn await_ready(
     mut child: Child,
     reader: ready::ReadyReader,
     timeout: Duration,
@@ -259,45 +260,87 @@ impl VmSandbox {
             }
         }
     }
+}
 
-    /// The process for `husk exec`: the given process.json, or the container's own
-    /// process with the command and the options applied.
-    fn exec_process(&self, entry: &Entry, opts: &ExecOptions) -> Result<Process, SandboxError> {
-        let err = |e: &dyn std::fmt::Display| backend_err(entry.id(), "exec", e);
-        if let Some(path) = &opts.process {
-            let text = std::fs::read(path)
-                .map_err(|e| err(&format!("reading {}: {e}", path.display())))?;
-            return serde_json::from_slice(&text)
-                .map_err(|e| err(&format!("{} is not an OCI process: {e}", path.display())));
-        }
-        let record = entry.read().map_err(|e| err(&e))?;
-        let bundle = Bundle::load(&record.bundle).map_err(|e| err(&e))?;
-        let mut process = bundle.spec.process().clone().unwrap_or_default();
-        process.set_args(Some(opts.args.clone()));
-        let mut env = process.env().clone().unwrap_or_default();
-        env.extend(opts.env.iter().cloned());
-        process.set_env(Some(env));
-        if let Some(cwd) = &opts.cwd {
-            process.set_cwd(cwd.clone());
-        }
-        let user = process.user().clone();
-        let user = UserBuilder::default()
-            .uid(opts.uid.unwrap_or(user.uid()))
-            .gid(opts.gid.unwrap_or(user.gid()))
-            .additional_gids(if opts.additional_gids.is_empty() {
-                user.additional_gids().clone().unwrap_or_default()
-            } else {
-                opts.additional_gids.clone()
-            })
-            .build()
-            .map_err(|e| err(&e))?;
-        process.set_user(user);
-        process.set_terminal(Some(opts.tty));
-        if opts.no_new_privs {
-            process.set_no_new_privileges(Some(true));
-        }
-        Ok(process)
+/// The process for `husk exec`: the given process.json, or the container's own
+/// process with the command and the options applied.
+pub(super) fn exec_process(entry: &Entry, opts: &ExecOptions) -> Result<Process, SandboxError> {
+    let err = |e: &dyn std::fmt::Display| backend_err(entry.id(), "exec", e);
+    if let Some(path) = &opts.process {
+        let text =
+            std::fs::read(path).map_err(|e| err(&format!("reading {}: {e}", path.display())))?;
+        return serde_json::from_slice(&text)
+            .map_err(|e| err(&format!("{} is not an OCI process: {e}", path.display())));
     }
+    let record = entry.read().map_err(|e| err(&e))?;
+    let bundle = Bundle::load(&record.bundle).map_err(|e| err(&e))?;
+    let mut process = bundle.spec.process().clone().unwrap_or_default();
+    process.set_args(Some(opts.args.clone()));
+    let mut env = process.env().clone().unwrap_or_default();
+    env.extend(opts.env.iter().cloned());
+    process.set_env(Some(env));
+    if let Some(cwd) = &opts.cwd {
+        process.set_cwd(cwd.clone());
+    }
+    let user = process.user().clone();
+    let user = UserBuilder::default()
+        .uid(opts.uid.unwrap_or(user.uid()))
+        .gid(opts.gid.unwrap_or(user.gid()))
+        .additional_gids(if opts.additional_gids.is_empty() {
+            user.additional_gids().clone().unwrap_or_default()
+        } else {
+            opts.additional_gids.clone()
+        })
+        .build()
+        .map_err(|e| err(&e))?;
+    process.set_user(user);
+    process.set_terminal(Some(opts.tty));
+    if opts.no_new_privs {
+        process.set_no_new_privileges(Some(true));
+    }
+    Ok(process)
+}
+
+/// Starts the exec relay of `process` in container `entry` (in the guest reached through
+/// `guest_file`); returns the relay's pid once the process runs.
+pub(super) fn spawn_exec_relay(
+    entry: &Entry,
+    guest_file: &Path,
+    log: &Path,
+    process: &Process,
+    opts: &ExecOptions,
+) -> Result<i32, SandboxError> {
+    let id = entry.id();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let exec_id = format!("exec-{}-{}", now.as_nanos(), std::process::id());
+    let process_file = entry.dir().join(format!("{exec_id}.json"));
+    let json = serde_json::to_vec(process).map_err(|e| backend_err(id, "exec", e))?;
+    std::fs::write(&process_file, json).map_err(|e| backend_err(id, "exec", e))?;
+    let (reader, writer) = ready::pipe().map_err(|e| backend_err(id, "exec", e))?;
+    let mut command = Command::new(husk_binary(id, "exec")?);
+    command
+        .args(["vmm", "exec-relay", "--guest-file"])
+        .arg(guest_file)
+        .args(["--id", id, "--exec-id", &exec_id, "--process"])
+        .arg(&process_file)
+        .arg("--ready-fd")
+        .arg(std::os::fd::AsRawFd::as_raw_fd(&writer).to_string());
+    if let Some(socket) = &opts.console_socket {
+        command.arg("--console-socket").arg(socket);
+    }
+    with_stdio(&mut command, &opts.stdio).map_err(|e| backend_err(id, "exec", e))?;
+    ready::pass_to(&mut command, &writer);
+    let spawned = command.spawn();
+    drop(writer);
+    let child = spawned.map_err(|e| {
+        let _ = std::fs::remove_file(&process_file);
+        backend_err(id, "exec", format!("starting the exec relay: {e}"))
+    })?;
+    let result = await_ready(child, reader, EXEC_TIMEOUT, "exec relay", log, false);
+    let _ = std::fs::remove_file(&process_file);
+    result.map_err(|e| backend_err(id, "exec", e))
 }
 
 impl Sandbox for VmSandbox {
@@ -432,7 +475,6 @@ impl Sandbox for VmSandbox {
     }
 
     fn exec(&self, entry: &Entry, opts: &ExecOptions) -> Result<i32, SandboxError> {
-        let id = entry.id();
         let (status, _) = self.status(entry)?;
         if status != Status::Running {
             return Err(wrong_status(entry, status, "exec"));
@@ -440,44 +482,8 @@ impl Sandbox for VmSandbox {
         let Some(layout) = daemon(entry)?.1 else {
             return Err(wrong_status(entry, Status::Stopped, "exec"));
         };
-        let process = self.exec_process(entry, opts)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let exec_id = format!("exec-{}-{}", now.as_nanos(), std::process::id());
-        let process_file = entry.dir().join(format!("{exec_id}.json"));
-        let json = serde_json::to_vec(&process).map_err(|e| backend_err(id, "exec", e))?;
-        std::fs::write(&process_file, json).map_err(|e| backend_err(id, "exec", e))?;
-        let (reader, writer) = ready::pipe().map_err(|e| backend_err(id, "exec", e))?;
-        let mut command = Command::new(husk_binary(id, "exec")?);
-        command
-            .args(["vmm", "exec-relay", "--guest-file"])
-            .arg(layout.guest_file())
-            .args(["--id", id, "--exec-id", &exec_id, "--process"])
-            .arg(&process_file)
-            .arg("--ready-fd")
-            .arg(std::os::fd::AsRawFd::as_raw_fd(&writer).to_string());
-        if let Some(socket) = &opts.console_socket {
-            command.arg("--console-socket").arg(socket);
-        }
-        with_stdio(&mut command, &opts.stdio).map_err(|e| backend_err(id, "exec", e))?;
-        ready::pass_to(&mut command, &writer);
-        let spawned = command.spawn();
-        drop(writer);
-        let child = spawned.map_err(|e| {
-            let _ = std::fs::remove_file(&process_file);
-            backend_err(id, "exec", format!("starting the exec relay: {e}"))
-        })?;
-        let result = await_ready(
-            child,
-            reader,
-            EXEC_TIMEOUT,
-            "exec relay",
-            &layout.log(),
-            false,
-        );
-        let _ = std::fs::remove_file(&process_file);
-        result.map_err(|e| backend_err(id, "exec", e))
+        let process = exec_process(entry, opts)?;
+        spawn_exec_relay(entry, &layout.guest_file(), &layout.log(), &process, opts)
     }
 
     fn pids(&self, entry: &Entry) -> Result<Vec<i32>, SandboxError> {
