@@ -380,13 +380,19 @@ fn a_pod_member_runs_in_its_sandbox_and_joins_its_namespaces() {
     );
     h.track(&["pod1"]);
     h.must(&["start", "pod1"], T);
-    let daemons = || husk_tests::cli::processes_naming("vmm daemon").len();
-    let before = daemons();
+    let root = h.root().to_string_lossy().into_owned();
+    let daemons = move || {
+        husk_tests::cli::processes_naming(&root)
+            .iter()
+            .filter(|p| p.contains("vmm daemon"))
+            .count()
+    };
+    assert_eq!(daemons(), 1, "the sandbox's daemon");
 
     step_member_exit_code_and_namespaces(&mut h);
     assert_eq!(
         daemons(),
-        before,
+        1,
         "a member must not start a VM daemon of its own"
     );
 
