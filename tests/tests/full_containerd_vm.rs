@@ -1,6 +1,7 @@
 //! Full path: a private containerd runs containers in real microVMs through
 //! containerd-shim-husk-v2 (`ctr run --runtime io.containerd.husk.v2`), with the shim's
-//! default isolation (no `HUSK_ISOLATION`: a VM). One containerd, two guest boots, under
+//! default isolation (no `HUSK_ISOLATION`: a VM), and a two-container CRI pod in one VM.
+//! One containerd, three guest starts, under
 //! the VM lock; each check is a named step. Nothing may be left behind: no shim, vmm
 //! daemon, virtiofsd or exec relay, no mount, no state directory.
 
@@ -178,6 +179,10 @@ fn ctr_runs_tasks_in_microvms() {
     step("nothing left after kill and delete");
     c.assert_clean();
 
+    pod_in_one_vm(&c, &guest_release);
+    step("nothing left after the pod");
+    c.assert_clean();
+
     // As CNI gives it: the task's spec names a network namespace path, and the guest
     // interface gets that namespace's address, route and MTU (a NIC: a cold boot).
     step("ctr run --with-ns network:PATH: the VM task has its namespace's network");
@@ -208,4 +213,88 @@ fn ctr_runs_tasks_in_microvms() {
     step("nothing left after the networked task: no tap, no filter");
     a.assert_clean("vA");
     c.assert_clean();
+}
+
+/// A two-container pod made with the CRI annotations: the member runs in the sandbox
+/// container's VM (no second vmm daemon or virtiofsd) and joins the sandbox's network
+/// namespace, named by the host path containerd would give it.
+fn pod_in_one_vm(c: &Containerd, guest_release: &str) {
+    let annotations = |role: &str| {
+        [
+            "--annotation".to_string(),
+            format!("io.kubernetes.cri.container-type={role}"),
+            "--annotation".to_string(),
+            "io.kubernetes.cri.sandbox-id=pod2".to_string(),
+        ]
+    };
+    let sandbox_args = annotations("sandbox");
+    step("a CRI pod's sandbox container: a VM");
+    let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+    args.extend(sandbox_args.iter().map(String::as_str));
+    args.extend([
+        IMAGE,
+        "pod2",
+        "sh",
+        "-c",
+        "echo from-sandbox | nc -l -p 7777; sleep 1000",
+    ]);
+    let out = ctr(c, &args);
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
+    let ls = text(&c.ctr(&["task", "ls"]));
+    let sandbox_pid: i32 = ls
+        .lines()
+        .find(|l| l.starts_with("pod2 "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for pod2 in: {ls}"));
+
+    step("a member of the pod: created in the sandbox's VM, joining its network namespace");
+    let member_args = annotations("container");
+    let with_ns = format!("network:/proc/{sandbox_pid}/ns/net");
+    let mut args = vec!["run", "-d", "--runtime", RUNTIME, "--with-ns", &with_ns];
+    args.extend(member_args.iter().map(String::as_str));
+    args.extend([IMAGE, "app2", "sleep", "1000"]);
+    let out = ctr(c, &args);
+    assert!(out.status.success(), "{}\n{}", text(&out), c.log());
+    let helpers = c.helpers();
+    let count = |what: &str| helpers.iter().filter(|(_, cmd)| cmd.contains(what)).count();
+    assert_eq!(
+        (count("vmm daemon"), count("virtiofsd"), count("vmm member")),
+        (1, 1, 1),
+        "one VM (one vmm daemon, one virtiofsd) for the pod's two containers: {helpers:?}"
+    );
+    assert_eq!(c.shims().len(), 1, "one shim for the pod");
+
+    step("exec in the member: the guest kernel, the sandbox's localhost, the exit code");
+    let out = ctr(
+        c,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e2",
+            "app2",
+            "sh",
+            "-c",
+            "uname -r; nc -w 5 127.0.0.1 7777 </dev/null; exit 4",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{guest_release}\nfrom-sandbox\n"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+
+    step("kill and delete the member, then the sandbox");
+    for id in ["app2", "pod2"] {
+        let out = c.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        assert!(out.status.success(), "{}", text(&out));
+        wait_stopped(c, id);
+        let out = c.ctr(&["task", "rm", id]);
+        assert!(out.status.success(), "{}", text(&out));
+        let out = c.ctr(&["container", "rm", id]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
 }
