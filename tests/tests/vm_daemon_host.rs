@@ -354,11 +354,14 @@ fn pod_role(bundle: &std::path::Path, role: &str, pod: &str) {
 }
 
 /// A member joins the sandbox's namespaces that its spec names by (host) path.
-fn join_uts_by_path(bundle: &std::path::Path) {
+fn join_by_path(bundle: &std::path::Path, kinds: &[(&str, &str)]) {
     edit_config(bundle, |c| {
         let namespaces = c["linux"]["namespaces"].as_array_mut().unwrap();
-        namespaces.retain(|n| n["type"] != "uts");
-        namespaces.push(serde_json::json!({"type": "uts", "path": "/proc/1/ns/uts"}));
+        for (kind, proc_name) in kinds {
+            namespaces.retain(|n| n["type"] != *kind);
+            let path = format!("/proc/1/ns/{proc_name}");
+            namespaces.push(serde_json::json!({"type": kind, "path": path}));
+        }
         c.as_object_mut().unwrap().remove("hostname");
     });
 }
@@ -366,7 +369,7 @@ fn join_uts_by_path(bundle: &std::path::Path) {
 #[test]
 fn a_pod_member_runs_in_its_sandbox_and_joins_its_namespaces() {
     let mut h = Husk::new(Guest::HostAgent);
-    let sandbox = bundle("sleep 100");
+    let sandbox = bundle("echo from-sandbox | nc -l -p 7777; sleep 100");
     pod_role(sandbox.path(), "sandbox", "pod1");
     edit_config(sandbox.path(), |c| c["hostname"] = "podhost".into());
     h.must(
@@ -440,9 +443,9 @@ fn a_pod_member_runs_in_its_sandbox_and_joins_its_namespaces() {
 }
 
 fn step_member_exit_code_and_namespaces(h: &mut Husk) {
-    let m = bundle("hostname; cat /marker; exit 5");
+    let m = bundle("hostname; cat /marker; nc -w 60 127.0.0.1 7777 </dev/null; exit 5");
     pod_role(m.path(), "container", "pod1");
-    join_uts_by_path(m.path());
+    join_by_path(m.path(), &[("uts", "uts"), ("network", "net")]);
     // The bundle's root is read-only inside the container only.
     std::fs::write(m.path().join("rootfs/marker"), "member-rootfs\n").unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -477,8 +480,8 @@ fn step_member_exit_code_and_namespaces(h: &mut Husk) {
     );
     assert_eq!(
         std::fs::read_to_string(&o).unwrap(),
-        "podhost\nmember-rootfs\n",
-        "the member sees the sandbox's hostname (its uts namespace) and its own rootfs; stderr: {}",
+        "podhost\nmember-rootfs\nfrom-sandbox\n",
+        "the member sees the sandbox's hostname and localhost (its uts and network namespaces) and its own rootfs; stderr: {}",
         std::fs::read_to_string(&e).unwrap()
     );
     assert_eq!(h.state("app1", T)["status"], "stopped");
