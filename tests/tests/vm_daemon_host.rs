@@ -491,3 +491,24 @@ fn step_member_exit_code_and_namespaces(h: &mut Husk) {
         "delete removes the member's share"
     );
 }
+
+#[test]
+fn printing_commands_end_quietly_when_their_reader_goes_away() {
+    let h = Husk::new(Guest::HostAgent);
+    for args in [
+        &["features"][..],
+        &["spec", "--bundle", "/nonexistent-bundle-dir"][..],
+    ] {
+        let mut child = h
+            .command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before anything is read.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -168,7 +168,29 @@ fn message(e: &anyhow::Error) -> String {
     msg
 }
 
+/// Commands that only print: like other Unix tools they end quietly when their reader
+/// goes away (`husk list | head -1`) instead of failing on the broken pipe.
+fn only_prints(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::State(_)
+            | Command::List(_)
+            | Command::Ps(_)
+            | Command::Spec(_)
+            | Command::Features(_)
+            | Command::Events(_)
+            | Command::Inspect(_)
+    )
+}
+
 fn dispatch(command: Command, g: &Global) -> anyhow::Result<ExitCode> {
+    if only_prints(&command) {
+        // SAFETY: restores the default disposition of one signal before any thread is
+        // started; no handler runs Rust code.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match command {
         Command::Create(args) => create::run(args, g),
         Command::Start(args) => start::run(args, g),
