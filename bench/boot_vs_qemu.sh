@@ -18,6 +18,12 @@
 #   VCPUS (1), MEM_MIB (128), CPU_TEMPLATE (husk's --cpu-template, default: husk's default)
 #   EXTRA                    kernel arguments added for both VMMs (e.g. "quiet")
 #   TIMEOUT_S (300)          per boot
+#   INSNS=1                  also count the guest instructions the host's KVM emulated up to
+#                            `Run /init` (`perf stat -e kvm:kvm_emulate_insn`, needs perf
+#                            and the kvm tracepoints): on PVM hosts the guest kernel runs
+#                            emulated, ~1 us per instruction, so this count is the boot's
+#                            cost without the host's timing noise. Each VMM is then
+#                            stopped at `Run /init` (no ready figure in this mode).
 #
 # How time is measured, the same way for both VMMs: the clock starts just before the VMM
 # process is spawned; each console line is stamped by the same perl filter as it arrives
@@ -38,6 +44,7 @@ vcpus=${VCPUS:-1}
 mem=${MEM_MIB:-128}
 timeout_s=${TIMEOUT_S:-300}
 extra=${EXTRA:-}
+insns=${INSNS:-0}
 kernel=${HUSK_KERNEL:-$repo/target/husk/vmlinux}
 if [ -n "${HUSK_INITRD:-}" ]; then
     initrd=$HUSK_INITRD
@@ -85,6 +92,11 @@ cmdline="$cmdline $extra"
 template_arg=()
 [ -n "${CPU_TEMPLATE:-}" ] && template_arg=(--cpu-template "$CPU_TEMPLATE")
 
+if [ "$insns" = 1 ]; then
+    command -v perf >/dev/null || die "INSNS=1 needs perf: apt-get install linux-perf"
+    [ -d /sys/kernel/tracing/events/kvm ] || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+fi
+
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -99,14 +111,16 @@ boot_once() {
     local vmm=$1 log=$2
     : >"$log"
     export T0
+    local count=()
+    [ "$insns" = 1 ] && count=(perf stat -x, -e kvm:kvm_emulate_insn -o "$log.insns" --)
     T0=$EPOCHREALTIME
     if [ "$vmm" = husk ]; then
         # Without --until-ready the agent prints its ready line, then powers off.
-        "$bin" vmm boot --kernel "$kernel" --initrd "$initrd" --vcpus "$vcpus" \
+        "${count[@]}" "$bin" vmm boot --kernel "$kernel" --initrd "$initrd" --vcpus "$vcpus" \
             --mem-mib "$mem" "${template_arg[@]}" --timeout "$timeout_s" \
             --cmdline-extra "$extra" </dev/null > >(stamp >>"$log") 2>&1 &
     else
-        qemu-system-x86_64 "${qemu_image[@]}" -enable-kvm \
+        "${count[@]}" qemu-system-x86_64 "${qemu_image[@]}" -enable-kvm \
             -cpu qemu64,+x2apic,+xsaveerptr -m "$mem" -smp "$vcpus" -nographic -no-reboot \
             -kernel "$kernel" -append "$cmdline" \
             </dev/null > >(stamp >>"$log") 2>&1 &
@@ -114,6 +128,13 @@ boot_once() {
     local pid=$!
     while kill -0 "$pid" 2>/dev/null; do
         if grep -q 'husk-agent: ready' "$log"; then break; fi
+        if [ "$insns" = 1 ] && grep -q 'Run /init as init process' "$log"; then
+            # perf prints its count when the VMM (its child) ends. Only the VMM: the
+            # console stamper is a child of perf too, and perf dies writing to it once
+            # it is gone.
+            pkill -KILL -P "$pid" "^(husk|qemu-system-x86)$" 2>/dev/null || true
+            break
+        fi
         if grep -q 'KVM internal error\|Kernel panic' "$log"; then break; fi
         if [ "$(awk -v a="$EPOCHREALTIME" -v b="$T0" 'BEGIN { print (a - b > '"$timeout_s"') }')" = 1 ]; then
             break
@@ -122,7 +143,7 @@ boot_once() {
     done
     # QEMU is stopped here; husk ends by itself (the agent powers off after ready) and
     # then prints its boot timer's figure.
-    if [ "$vmm" = qemu ]; then kill "$pid" 2>/dev/null || true; fi
+    if [ "$vmm" = qemu ] && [ "$insns" != 1 ]; then kill "$pid" 2>/dev/null || true; fi
     wait "$pid" 2>/dev/null || true
     sleep 0.2 # let the stamper drain
 }
@@ -139,17 +160,22 @@ printf '%-5s %-4s %10s %10s %14s\n' vmm run run_init_s ready_s husk_port_ms
 for run in $(seq 1 "$runs"); do
     for vmm in husk qemu; do
         log=$work/$vmm.$run.log
-        flock /tmp/husk-vm.lock bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra cmdline qemu_image); boot_once $vmm $log"
+        flock /tmp/husk-vm.lock bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra cmdline qemu_image insns); boot_once $vmm $log"
         init=$(seen_at "$log" 'Run /init as init process')
         ready=$(seen_at "$log" 'husk-agent: ready')
         port=$(sed -n 's/.*boot: ready after \([0-9]*\) ms.*/\1/p' "$log" | tail -1)
         printf '%-5s %-4s %10s %10s %14s\n' "$vmm" "$run" "$init" "$ready" "${port:--}"
         echo "$init" >>"$work/$vmm.init"
         echo "$ready" >>"$work/$vmm.ready"
+        if [ "$insns" = 1 ]; then
+            n=$(awk -F, '/kvm_emulate_insn/ { print $1 }' "$log.insns" 2>/dev/null || true)
+            echo "      $vmm emulated guest instructions to Run /init: ${n:--}"
+            echo "${n:--}" >>"$work/$vmm.insns"
+        fi
         if [ "$run" = 1 ]; then
             echo "      $vmm command line: $(grep -m1 -o 'Command line: .*' "$log" || echo '?')"
         fi
-        if [ "$ready" = - ]; then
+        if [ "$ready" = - ] && [ "$insns" != 1 ]; then
             echo "      $vmm gave no ready line; last console lines:"
             tail -5 "$log" | sed 's/^/        /'
         fi
@@ -158,10 +184,16 @@ done
 
 echo
 printf '%-22s %10s %10s %12s\n' median husk_s qemu_s husk/qemu
-for what in init ready; do
-    h=$(grep -v '^-$' "$work/husk.$what" | median)
-    q=$(grep -v '^-$' "$work/qemu.$what" | median)
+whats="init ready"
+[ "$insns" = 1 ] && whats="init insns"
+for what in $whats; do
+    h=$({ grep -v '^-$' "$work/husk.$what" || true; } | median)
+    q=$({ grep -v '^-$' "$work/qemu.$what" || true; } | median)
     ratio=$(awk -v h="$h" -v q="$q" 'BEGIN { if (h == "-" || q == "-" || q == 0) print "-"; else printf "%.2f", h / q }')
-    label=$([ "$what" = init ] && echo "Run /init" || echo "agent ready")
+    case $what in
+    init) label="Run /init" ;;
+    ready) label="agent ready" ;;
+    insns) label="insns to Run /init" ;;
+    esac
     printf '%-22s %10s %10s %12s\n' "$label" "$h" "$q" "$ratio"
 done
