@@ -51,13 +51,24 @@ pub fn main(request: &ExecRequest, ready_fd: RawFd) -> i32 {
             return LOST;
         }
     };
-    match start(request) {
+    let process = ProcessRef {
+        container_id: request.container_id.clone(),
+        exec_id: Some(request.exec_id.clone()),
+    };
+    serve(ready, start(request), process)
+}
+
+/// The rest of a relay's life once it tried to start `process`: reports `ok PID` (its
+/// own pid) or the error on `ready`, waits for the process, lets the last output reach
+/// the host, and returns the exit code.
+pub fn serve(
+    ready: ReadyWriter,
+    started: Result<(relay::Relays, AgentClient), DaemonError>,
+    process: ProcessRef,
+) -> i32 {
+    match started {
         Ok((relays, mut waiter)) => {
             ready.ok(std::process::id() as i32);
-            let process = ProcessRef {
-                container_id: request.container_id.clone(),
-                exec_id: Some(request.exec_id.clone()),
-            };
             let code = waiter
                 .wait_process(process)
                 .map(|s| s.code())

@@ -19,15 +19,14 @@
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use husk_protocol::client::AgentClient;
 use husk_protocol::messages::{ProcessRef, StdioRequest};
 use serde::{Deserialize, Serialize};
 
 use super::ready::ReadyWriter;
+use super::run::GuestBundle;
 use super::{agent_err, exec, io_err, relay, share, DaemonError};
-use crate::oci::Bundle;
 
 /// Exit code when the member was lost (agent or guest gone).
 const LOST: i32 = 255;
@@ -119,51 +118,29 @@ pub fn main(config: &Path, ready_fd: RawFd) -> i32 {
             return LOST;
         }
     };
-    match start(&config) {
-        Ok((relays, mut waiter)) => {
-            ready.ok(std::process::id() as i32);
-            let process = ProcessRef {
-                container_id: config.id.clone(),
-                exec_id: None,
-            };
-            let code = waiter
-                .wait_process(process)
-                .map(|s| s.code())
-                .unwrap_or(LOST);
-            relays.drain(Duration::from_secs(5));
-            code
-        }
-        Err(e) => {
-            let _ = config.remove_share();
-            ready.err(&e.to_string());
-            LOST
-        }
+    let started = start(&config);
+    if started.is_err() {
+        let _ = config.remove_share();
     }
+    let init = ProcessRef {
+        container_id: config.id.clone(),
+        exec_id: None,
+    };
+    exec::serve(ready, started, init)
 }
 
 /// The share, the guest's spec, the container at the exec barrier, its stdio relays.
 fn start(config: &MemberConfig) -> Result<(relay::Relays, AgentClient), DaemonError> {
-    let bundle = Bundle::load(&config.bundle).map_err(|e| DaemonError::Io {
-        what: "loading the bundle",
-        path: config.bundle.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let mut spec = bundle.spec.clone();
-    let process = spec.process().as_ref().ok_or(DaemonError::NoProcess)?;
-    let terminal = process.terminal().unwrap_or(false);
-    let console = match (&config.console_socket, terminal) {
-        (Some(socket), true) => Some(socket),
-        (None, true) => return Err(DaemonError::NoConsoleSocket),
-        _ => None,
-    };
-    let readonly = spec
-        .root()
-        .as_ref()
-        .and_then(|r| r.readonly())
-        .unwrap_or(false);
-    if readonly {
-        share::create_mount_points(&config.rootfs, spec.mounts().as_deref().unwrap_or(&[]))?;
-    }
+    let GuestBundle {
+        mut spec,
+        terminal,
+        console_socket,
+        readonly,
+    } = GuestBundle::load(
+        &config.bundle,
+        &config.rootfs,
+        config.console_socket.as_ref(),
+    )?;
     share::prepare_member(
         &config.share_subdir(),
         &config.rootfs_mount(),
@@ -181,7 +158,9 @@ fn start(config: &MemberConfig) -> Result<(relay::Relays, AgentClient), DaemonEr
         &config.share_subdir().join("etc"),
         &in_guest.join("etc"),
     )?;
-    let console = console.map(|s| relay::open_console(s)).transpose()?;
+    let console = console_socket
+        .map(|s| relay::open_console(&s))
+        .transpose()?;
     let connector = exec::guest_address(&config.guest_file)?.connector();
     let stdio = StdioRequest {
         stdin: !terminal && relay::has_stdin(),

@@ -136,29 +136,64 @@ pub(super) struct Prepared {
     pub netns: Option<PathBuf>,
 }
 
+/// The bundle as a guest container needs it: the spec, whether it wants a terminal (and
+/// then the console socket, which it must have), whether its root is read-only (and
+/// then the mount points it lacks are made first, as runc does).
+pub(super) struct GuestBundle {
+    pub spec: oci_spec::runtime::Spec,
+    pub terminal: bool,
+    pub console_socket: Option<PathBuf>,
+    pub readonly: bool,
+}
+
+impl GuestBundle {
+    pub(super) fn load(
+        bundle: &Path,
+        rootfs: &Path,
+        console_socket: Option<&PathBuf>,
+    ) -> Result<Self, DaemonError> {
+        let loaded = Bundle::load(bundle).map_err(|e| DaemonError::Io {
+            what: "loading the bundle",
+            path: bundle.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let spec = loaded.spec;
+        let process = spec.process().as_ref().ok_or(DaemonError::NoProcess)?;
+        let terminal = process.terminal().unwrap_or(false);
+        let console_socket = match (console_socket, terminal) {
+            (Some(socket), true) => Some(socket.clone()),
+            (None, true) => return Err(DaemonError::NoConsoleSocket),
+            _ => None,
+        };
+        let readonly = spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false);
+        if readonly {
+            share::create_mount_points(rootfs, spec.mounts().as_deref().unwrap_or(&[]))?;
+        }
+        Ok(GuestBundle {
+            spec,
+            terminal,
+            console_socket,
+            readonly,
+        })
+    }
+}
+
 /// Bundle, share, the guest's spec, the console. On failure what was made is removed.
 pub(super) fn prepare(config: &DaemonConfig, layout: &Layout) -> Result<Prepared, DaemonError> {
-    let bundle = Bundle::load(&config.bundle).map_err(|e| DaemonError::Io {
-        what: "loading the bundle",
-        path: config.bundle.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let mut spec = bundle.spec.clone();
-    let process = spec.process().as_ref().ok_or(DaemonError::NoProcess)?;
-    let terminal = process.terminal().unwrap_or(false);
-    let console_socket = match (&config.console_socket, terminal) {
-        (Some(socket), true) => Some(socket),
-        (None, true) => return Err(DaemonError::NoConsoleSocket),
-        _ => None,
-    };
-    let readonly = spec
-        .root()
-        .as_ref()
-        .and_then(|r| r.readonly())
-        .unwrap_or(false);
-    if readonly {
-        share::create_mount_points(&config.rootfs, spec.mounts().as_deref().unwrap_or(&[]))?;
-    }
+    let GuestBundle {
+        mut spec,
+        terminal,
+        console_socket,
+        readonly,
+    } = GuestBundle::load(
+        &config.bundle,
+        &config.rootfs,
+        config.console_socket.as_ref(),
+    )?;
     share::prepare(
         &layout.share_dir(),
         &layout.rootfs_mount(),
@@ -167,7 +202,7 @@ pub(super) fn prepare(config: &DaemonConfig, layout: &Layout) -> Result<Prepared
     )?;
     let made = guest_spec(config, layout, &mut spec).and_then(|netns| {
         let console = console_socket
-            .map(|socket| relay::open_console(socket))
+            .map(|socket| relay::open_console(&socket))
             .transpose()?;
         Ok((netns, console))
     });

@@ -62,18 +62,7 @@ pub fn prepare(
     rootfs: &Path,
     readonly: bool,
 ) -> Result<(), ShareError> {
-    if !rootfs.is_dir() {
-        return Err(ShareError::NoRootfs(rootfs.to_path_buf()));
-    }
-    std::fs::create_dir_all(mount_point).map_err(|source| ShareError::Mkdir {
-        path: mount_point.to_path_buf(),
-        source,
-    })?;
-    let bound = make_shared(share_dir).and_then(|()| bind(rootfs, mount_point, readonly, true));
-    if bound.is_err() {
-        let _ = remove(share_dir, mount_point);
-    }
-    bound
+    bind_into_share(share_dir, mount_point, rootfs, readonly, true)
 }
 
 /// Binds a pod member's rootfs at `mount_point` in its sandbox's share (`member_dir` is
@@ -85,6 +74,19 @@ pub fn prepare_member(
     rootfs: &Path,
     readonly: bool,
 ) -> Result<(), ShareError> {
+    bind_into_share(member_dir, mount_point, rootfs, readonly, false)
+}
+
+/// Creates `mount_point` and binds `rootfs` there; for a sandbox (`sandbox`), `dir` (the
+/// share) becomes a shared mount first and the bind private. On failure what was made up
+/// to `dir` is removed.
+fn bind_into_share(
+    dir: &Path,
+    mount_point: &Path,
+    rootfs: &Path,
+    readonly: bool,
+    sandbox: bool,
+) -> Result<(), ShareError> {
     if !rootfs.is_dir() {
         return Err(ShareError::NoRootfs(rootfs.to_path_buf()));
     }
@@ -92,9 +94,13 @@ pub fn prepare_member(
         path: mount_point.to_path_buf(),
         source,
     })?;
-    let bound = bind(rootfs, mount_point, readonly, false);
+    let bound = if sandbox {
+        make_shared(dir).and_then(|()| bind(rootfs, mount_point, readonly, true))
+    } else {
+        bind(rootfs, mount_point, readonly, false)
+    };
     if bound.is_err() {
-        let _ = remove(member_dir, mount_point);
+        let _ = remove(dir, mount_point);
     }
     bound
 }

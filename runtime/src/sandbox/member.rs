@@ -7,7 +7,6 @@
 //! store entry (`member.json`, the member process's pid, `started`).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use husk_protocol::client::AgentClient;
@@ -15,13 +14,13 @@ use husk_protocol::messages::ProcessRef;
 use oci_spec::runtime::LinuxResources;
 
 use super::vm::{
-    await_ready, backend_err, daemon_config, exec_process, husk_binary, spawn_exec_relay,
-    with_stdio, wrong_status,
+    await_ready, backend_err, daemon_config, exec_process, spawn_exec_relay, spawn_helper,
+    wrong_status,
 };
 use super::{CreateOptions, ExecOptions, Sandbox, SandboxError};
 use crate::daemon::liveness::ProcessId;
 use crate::daemon::member::{MemberConfig, MEMBER_FILE};
-use crate::daemon::{ready, GuestKind};
+use crate::daemon::GuestKind;
 use crate::oci::{Bundle, Entry, Status};
 use crate::vmm::guest::GUEST_SHARE_DIR;
 
@@ -135,19 +134,12 @@ impl Sandbox for MemberSandbox {
         config
             .write(entry.dir())
             .map_err(|e| backend_err(id, "create", e))?;
-        let (reader, writer) = ready::pipe().map_err(|e| backend_err(id, "create", e))?;
-        let mut command = Command::new(husk_binary(id, "create")?);
-        command
-            .args(["vmm", "member", "--config"])
-            .arg(entry.dir().join(MEMBER_FILE))
-            .arg("--ready-fd")
-            .arg(std::os::fd::AsRawFd::as_raw_fd(&writer).to_string());
-        with_stdio(&mut command, &opts.stdio).map_err(|e| backend_err(id, "create", e))?;
-        ready::pass_to(&mut command, &writer);
-        let child = command
-            .spawn()
-            .map_err(|e| backend_err(id, "create", format!("starting the member process: {e}")))?;
-        drop(writer);
+        let args = [
+            "member".into(),
+            "--config".into(),
+            entry.dir().join(MEMBER_FILE).into_os_string(),
+        ];
+        let (child, reader) = spawn_helper(id, "create", "the member process", &args, &opts.stdio)?;
         let pid = await_ready(
             child,
             reader,

@@ -63,7 +63,7 @@ pub(super) fn wrong_status(entry: &Entry, status: Status, op: &'static str) -> S
 
 /// The husk binary, for the daemon and exec helpers (not the running program when that
 /// is the shim: see [`super::husk_binary`]).
-pub(super) fn husk_binary(id: &str, op: &'static str) -> Result<PathBuf, SandboxError> {
+fn husk_binary(id: &str, op: &'static str) -> Result<PathBuf, SandboxError> {
     super::husk_binary::find().map_err(|e| backend_err(id, op, e))
 }
 
@@ -122,7 +122,7 @@ fn daemon(entry: &Entry) -> Result<(Option<ProcessId>, Option<Layout>), SandboxE
 
 /// Gives the daemon or exec relay the stdio the caller chose (the shim's FIFOs);
 /// unset streams stay the caller's own, as runc's container would have them.
-pub(super) fn with_stdio(command: &mut Command, stdio: &super::Stdio) -> std::io::Result<()> {
+fn with_stdio(command: &mut Command, stdio: &super::Stdio) -> std::io::Result<()> {
     if let Some(fd) = &stdio.stdin {
         command.stdin(fd.try_clone()?);
     }
@@ -301,6 +301,31 @@ pub(super) fn exec_process(entry: &Entry, opts: &ExecOptions) -> Result<Process,
     Ok(process)
 }
 
+/// Starts `husk vmm ARGS --ready-fd N` (a daemon or relay) with the stdio the caller
+/// chose; returns it and the read end of its ready pipe.
+pub(super) fn spawn_helper(
+    id: &str,
+    op: &'static str,
+    what: &str,
+    args: &[std::ffi::OsString],
+    stdio: &super::Stdio,
+) -> Result<(Child, ready::ReadyReader), SandboxError> {
+    let (reader, writer) = ready::pipe().map_err(|e| backend_err(id, op, e))?;
+    let mut command = Command::new(husk_binary(id, op)?);
+    command
+        .arg("vmm")
+        .args(args)
+        .arg("--ready-fd")
+        .arg(std::os::fd::AsRawFd::as_raw_fd(&writer).to_string());
+    with_stdio(&mut command, stdio).map_err(|e| backend_err(id, op, e))?;
+    ready::pass_to(&mut command, &writer);
+    let child = command
+        .spawn()
+        .map_err(|e| backend_err(id, op, format!("starting {what}: {e}")))?;
+    drop(writer);
+    Ok((child, reader))
+}
+
 /// Starts the exec relay of `process` in container `entry` (in the guest reached through
 /// `guest_file`); returns the relay's pid once the process runs.
 pub(super) fn spawn_exec_relay(
@@ -318,25 +343,16 @@ pub(super) fn spawn_exec_relay(
     let process_file = entry.dir().join(format!("{exec_id}.json"));
     let json = serde_json::to_vec(process).map_err(|e| backend_err(id, "exec", e))?;
     std::fs::write(&process_file, json).map_err(|e| backend_err(id, "exec", e))?;
-    let (reader, writer) = ready::pipe().map_err(|e| backend_err(id, "exec", e))?;
-    let mut command = Command::new(husk_binary(id, "exec")?);
-    command
-        .args(["vmm", "exec-relay", "--guest-file"])
-        .arg(guest_file)
-        .args(["--id", id, "--exec-id", &exec_id, "--process"])
-        .arg(&process_file)
-        .arg("--ready-fd")
-        .arg(std::os::fd::AsRawFd::as_raw_fd(&writer).to_string());
+    let mut args: Vec<std::ffi::OsString> = vec!["exec-relay".into(), "--guest-file".into()];
+    args.push(guest_file.into());
+    args.extend(["--id", id, "--exec-id", &exec_id, "--process"].map(Into::into));
+    args.push(process_file.clone().into());
     if let Some(socket) = &opts.console_socket {
-        command.arg("--console-socket").arg(socket);
+        args.extend(["--console-socket".into(), socket.into()]);
     }
-    with_stdio(&mut command, &opts.stdio).map_err(|e| backend_err(id, "exec", e))?;
-    ready::pass_to(&mut command, &writer);
-    let spawned = command.spawn();
-    drop(writer);
-    let child = spawned.map_err(|e| {
+    let spawned = spawn_helper(id, "exec", "the exec relay", &args, &opts.stdio);
+    let (child, reader) = spawned.inspect_err(|_| {
         let _ = std::fs::remove_file(&process_file);
-        backend_err(id, "exec", format!("starting the exec relay: {e}"))
     })?;
     let result = await_ready(child, reader, EXEC_TIMEOUT, "exec relay", log, false);
     let _ = std::fs::remove_file(&process_file);
@@ -380,19 +396,12 @@ impl Sandbox for VmSandbox {
         };
         let layout = config.layout();
         config.write().map_err(|e| backend_err(id, "create", e))?;
-        let (reader, writer) = ready::pipe().map_err(|e| backend_err(id, "create", e))?;
-        let mut command = Command::new(husk_binary(id, "create")?);
-        command
-            .args(["vmm", "daemon", "--config"])
-            .arg(layout.config())
-            .arg("--ready-fd")
-            .arg(std::os::fd::AsRawFd::as_raw_fd(&writer).to_string());
-        with_stdio(&mut command, &opts.stdio).map_err(|e| backend_err(id, "create", e))?;
-        ready::pass_to(&mut command, &writer);
-        let child = command
-            .spawn()
-            .map_err(|e| backend_err(id, "create", format!("starting the vmm daemon: {e}")))?;
-        drop(writer);
+        let args = [
+            "daemon".into(),
+            "--config".into(),
+            layout.config().into_os_string(),
+        ];
+        let (child, reader) = spawn_helper(id, "create", "the vmm daemon", &args, &opts.stdio)?;
         let jailed = layout.jailed();
         let pid = await_ready(
             child,
