@@ -254,14 +254,42 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<i32> {
     }
 }
 
+/// Exit codes of the orphans [`reap_orphans`] reaped, by pid: another test thread's sweep
+/// may reap a daemon or relay that a test is about to [`reap`] itself.
+static SWEPT: std::sync::Mutex<Vec<(i32, i32)>> = std::sync::Mutex::new(Vec::new());
+
+fn swept(pid: i32) -> Option<i32> {
+    let mut swept = SWEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let at = swept.iter().position(|(p, _)| *p == pid)?;
+    Some(swept.remove(at).1)
+}
+
+/// The exit code of a wait status, shell convention; None while it runs.
+fn exit_code(status: WaitStatus) -> Option<i32> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
 /// Waits (as subreaper) for `pid`; its exit code, shell convention.
 pub fn reap(pid: i32, timeout: Duration) -> i32 {
     let start = Instant::now();
     loop {
-        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)).unwrap() {
-            WaitStatus::Exited(_, code) => return code,
-            WaitStatus::Signaled(_, sig, _) => return 128 + sig as i32,
-            _ => {}
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(status) => {
+                if let Some(code) = exit_code(status) {
+                    return code;
+                }
+            }
+            Err(nix::Error::ECHILD) => {
+                if let Some(code) = swept(pid) {
+                    return code;
+                }
+                panic!("pid {pid} is not a child of the test process (ECHILD)");
+            }
+            Err(e) => panic!("waitpid {pid}: {e}"),
         }
         assert!(start.elapsed() < timeout, "pid {pid} did not exit");
         std::thread::sleep(Duration::from_millis(20));
@@ -270,7 +298,8 @@ pub fn reap(pid: i32, timeout: Duration) -> i32 {
 
 /// Reaps the husk daemons and exec relays that exited after being reparented to this
 /// subreaper, and nothing else: `waitpid(-1)` would also take the direct children of
-/// tests running in parallel threads, whose own waits would then fail with ECHILD.
+/// tests running in parallel threads, whose own waits would then fail with ECHILD. Their
+/// exit codes are kept for a test that [`reap`]s one of them itself.
 pub fn reap_orphans() {
     let me = std::process::id();
     let orphan_names = [
@@ -292,7 +321,11 @@ pub fn reap_orphans() {
         let mut rest = stat[close + 1..].split_whitespace();
         let (state, ppid) = (rest.next(), rest.next().and_then(|p| p.parse::<u32>().ok()));
         if state == Some("Z") && ppid == Some(me) && orphan_names.contains(&comm) {
-            let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+            let status = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+            if let Some(code) = status.ok().and_then(exit_code) {
+                let mut swept = SWEPT.lock().unwrap_or_else(|e| e.into_inner());
+                swept.push((pid, code));
+            }
         }
     }
 }
