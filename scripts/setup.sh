@@ -58,6 +58,41 @@ install_virtiofsd() {
     ln -sfn "$root/bin/virtiofsd" "$HUSK_OUT/virtiofsd"
 }
 
+# dockerd from Debian 13 (trixie): bookworm's docker.io 20.10 cannot run a containerd shim
+# v2 (`--runtime io.containerd.husk.v2`, `runtimeType` in daemon.json: Moby 23+). trixie's
+# dockerd needs only glibc 2.34 and containerd >= 1.4, so it runs here next to bookworm's
+# containerd and docker CLI. Downloaded with an apt state of its own (the system's sources
+# and packages stay bookworm's), unpacked, cached per version outside the repo; the tests
+# find it at target/husk/dockerd.
+install_dockerd() {
+    local apt="$HUSK_CACHE/apt-trixie" have
+    have=$(find "$HUSK_CACHE" -maxdepth 2 -path "$HUSK_CACHE/dockerd-*/dockerd" 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$have" ]; then
+        stage "dockerd from Debian trixie (own apt state in $apt, cached in $HUSK_CACHE/dockerd-VERSION)"
+        local opts=(-qq -o APT::Sandbox::User=root -o Dir::Etc::sourcelist=/dev/null -o "Dir::Etc::sourceparts=$apt/sources"
+            -o "Dir::State=$apt/state" -o "Dir::State::status=$apt/state/status"
+            -o "Dir::Cache=$apt/cache")
+        mkdir -p "$apt/sources" "$apt/state/lists/partial" "$apt/cache/archives/partial" "$apt/deb"
+        touch "$apt/state/status"
+        printf '%s\n' "Types: deb" "URIs: http://deb.debian.org/debian" "Suites: trixie" \
+            "Components: main" "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" \
+            >"$apt/sources/trixie.sources"
+        apt-get "${opts[@]}" update
+        rm -f "$apt/deb"/docker.io_*.deb
+        (cd "$apt/deb" && apt-get "${opts[@]}" download docker.io 2>/dev/null)
+        local deb version unpacked
+        deb=$(ls "$apt/deb"/docker.io_*.deb) || die "could not download docker.io from Debian trixie"
+        version=$(dpkg-deb -f "$deb" Version)
+        unpacked=$(mktemp -d)
+        dpkg-deb -x "$deb" "$unpacked"
+        mkdir -p "$HUSK_CACHE/dockerd-$version"
+        cp "$unpacked/usr/sbin/dockerd" "$unpacked/usr/sbin/docker-proxy" "$HUSK_CACHE/dockerd-$version/"
+        rm -rf "$unpacked"
+        have="$HUSK_CACHE/dockerd-$version/dockerd"
+    fi
+    ln -sfn "$have" "$HUSK_OUT/dockerd"
+}
+
 build_workspace() {
     stage "cargo build (workspace)"
     cargo build --workspace --all-targets --quiet
@@ -93,6 +128,7 @@ main() {
     check_toolchain
     build_kernel
     install_virtiofsd
+    install_dockerd
     build_workspace
     build_agent
     build_guest_files

@@ -184,7 +184,7 @@ impl Containerd {
 }
 
 /// (pid, command line) of every process but this one (zombies have an empty one).
-fn processes() -> Vec<(i32, String)> {
+pub(crate) fn processes() -> Vec<(i32, String)> {
     let me = std::process::id() as i32;
     let mut all = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {

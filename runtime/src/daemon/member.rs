@@ -147,6 +147,7 @@ fn start(config: &MemberConfig) -> Result<(relay::Relays, AgentClient), DaemonEr
         &config.rootfs,
         readonly,
     )?;
+    crate::sandbox::hooks::keep_guest_hooks(&mut spec);
     let in_guest = config.guest_share_dir.join(&config.id);
     share::bind_host_mounts(
         &mut spec,

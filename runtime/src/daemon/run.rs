@@ -98,6 +98,7 @@ fn guest_spec(
     spec: &mut oci_spec::runtime::Spec,
 ) -> Result<Option<PathBuf>, DaemonError> {
     let host_mounts = share::mounts_dir(&layout.rootfs_mount());
+    crate::sandbox::hooks::keep_guest_hooks(spec);
     match config.guest {
         // The host agent sees the share where it is on the host.
         GuestKind::HostAgent { .. } => {

@@ -13,6 +13,7 @@ use husk_protocol::client::AgentClient;
 use husk_protocol::messages::ProcessRef;
 use oci_spec::runtime::LinuxResources;
 
+use super::hooks::{self, Stage};
 use super::vm::{
     await_ready, backend_err, daemon_config, exec_process, spawn_exec_relay, spawn_helper,
     wrong_status,
@@ -155,6 +156,14 @@ impl Sandbox for MemberSandbox {
         process
             .write(&entry.dir().join(PID_FILE))
             .map_err(|e| backend_err(id, "create", e))?;
+        hooks::run_for(
+            entry,
+            Some(&bundle.spec),
+            Stage::Created,
+            Status::Created,
+            pid,
+        )
+        .map_err(|e| backend_err(id, "create", e))?;
         Ok(pid)
     }
 
@@ -167,6 +176,9 @@ impl Sandbox for MemberSandbox {
             .start_container(entry.id())
             .map_err(|e| backend_err(entry.id(), "start", e))?;
         std::fs::write(entry.dir().join(STARTED_FILE), b"")
+            .map_err(|e| backend_err(entry.id(), "start", e))?;
+        let pid = member_process(entry)?.map(|p| p.pid).unwrap_or(0);
+        hooks::run_for(entry, None, Stage::Started, Status::Running, pid)
             .map_err(|e| backend_err(entry.id(), "start", e))
     }
 
@@ -229,6 +241,8 @@ impl Sandbox for MemberSandbox {
         }
         config
             .remove_share()
+            .map_err(|e| backend_err(entry.id(), "delete", e))?;
+        hooks::run_for(entry, None, Stage::Deleted, Status::Stopped, 0)
             .map_err(|e| backend_err(entry.id(), "delete", e))
     }
 

@@ -12,6 +12,7 @@
 //! files in `entry.dir()`.
 
 pub mod container;
+pub mod hooks;
 pub mod husk_binary;
 pub mod lifecycle;
 pub mod member;

@@ -131,10 +131,17 @@ impl VirtiofsdConfig {
     ///   handles need CAP_DAC_READ_SEARCH and file-system support we do not check for.
     /// - `--log-level warn`: stderr goes to a capture file quoted in errors; per-request
     ///   info logs would only grow it.
+    ///
+    /// The socket is named relative to virtiofsd's working directory (the socket's
+    /// directory): a sandbox's directory can be deeper than a socket address holds (108
+    /// bytes; Docker's 64-character container ids under `/run/docker/runtime-runc/moby`).
     fn args(&self) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> = vec![
             "--socket-path".into(),
-            self.socket_path.clone().into(),
+            self.socket_path
+                .file_name()
+                .unwrap_or(self.socket_path.as_os_str())
+                .into(),
             "--shared-dir".into(),
             self.share_dir.clone().into(),
         ];
@@ -160,6 +167,9 @@ pub struct Virtiofsd {
     pidfd: OwnedFd,
     stderr: File,
     socket_path: PathBuf,
+    /// The socket's directory (`O_PATH`): the socket is reached as
+    /// `/proc/self/fd/<this>/<name>`, short whatever the directory's depth.
+    socket_dir: OwnedFd,
     exit: Option<ExitStatus>,
     /// Left running on drop: its connection went to a jailed vmm (see [`Virtiofsd::detach`]).
     detached: bool,
@@ -188,9 +198,23 @@ impl Virtiofsd {
             path: config.socket_path.clone(),
             source,
         })?;
+        let socket_dir_fd = nix::fcntl::open(
+            socket_dir,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| VirtiofsdError::SocketDir {
+            path: socket_dir.to_path_buf(),
+            source: e.into(),
+        })?;
+        // SAFETY: open returned a new fd that nothing else owns.
+        let socket_dir_fd = unsafe { OwnedFd::from_raw_fd(socket_dir_fd) };
         let stderr = memfd_file(c"husk-virtiofsd-stderr").map_err(VirtiofsdError::Stderr)?;
         let child = Command::new(&config.binary)
             .args(config.args())
+            .current_dir(socket_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr.try_clone().map_err(VirtiofsdError::Stderr)?)
@@ -216,6 +240,7 @@ impl Virtiofsd {
             pidfd,
             stderr,
             socket_path: config.socket_path.clone(),
+            socket_dir: socket_dir_fd,
             exit: None,
             detached: false,
         };
@@ -234,7 +259,10 @@ impl Virtiofsd {
                     stderr: self.stderr_tail(),
                 });
             }
-            match UnixStream::connect(&self.socket_path) {
+            let short = Path::new("/proc/self/fd")
+                .join(self.socket_dir.as_raw_fd().to_string())
+                .join(self.socket_path.file_name().unwrap_or_default());
+            match UnixStream::connect(&short) {
                 Ok(stream) => return Ok(stream),
                 // Not bound yet, or bound but not listening yet.
                 Err(e)
