@@ -75,12 +75,15 @@ EOF
     if wait_for ctr version && ctr image import "$tar" >>"$BENCH_CMD_LOG" 2>&1; then ctr_ok=1; fi
 fi
 
-# dockerd (it starts its own containerd), husk added as a runtime.
+# dockerd (it starts its own containerd), husk added as a runtime. setup.sh's dockerd
+# (Moby 26 from Debian trixie) when there is one: Debian 12's 20.10 cannot run the shim.
+dockerd_bin=${DOCKERD:-$BENCH_REPO/target/husk/dockerd}
+[ -x "$dockerd_bin" ] || dockerd_bin=$(command -v dockerd || true)
 docker_ok=
-if command -v dockerd >/dev/null && [ -f "$tar" ]; then
+if [ -n "$dockerd_bin" ] && [ -f "$tar" ]; then
     # The shim first on PATH too: dockerd's containerd looks up shim v2 runtimes there.
     PATH="$work/bin:$PATH" HUSK_SHIM_ROOT="$work/husk-shim-docker" HUSK_ISOLATION=$isolation \
-        dockerd --data-root "$work/docker" --exec-root "$work/dexec" \
+        "$dockerd_bin" --data-root "$work/docker" --exec-root "$work/dexec" \
         --pidfile "$work/docker.pid" -H "unix://$work/docker.sock" --iptables=false --bridge=none \
         --add-runtime "husk=$HUSK_BIN" >"$work/dockerd.log" 2>&1 &
     dockerd_pid=$!
