@@ -51,27 +51,7 @@ fn docker_drives_the_husk_cli_and_the_shim() {
     d.assert_clean();
 
     step("docker run -d, exec, stop, rm (husk)");
-    let out = d.docker(&[
-        "run",
-        "-d",
-        "--network",
-        "none",
-        "--runtime",
-        "husk",
-        "--name",
-        "d1",
-        IMAGE,
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "{}\n{}", text(&out), d.log());
-    let out = d.docker(&["exec", "d1", "sh", "-c", "echo in-exec; exit 4"]);
-    assert_eq!(stdout(&out), "in-exec\n", "{}", text(&out));
-    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
-    let out = d.docker(&["stop", "-t", "2", "d1"]);
-    assert!(out.status.success(), "{}\n{}", text(&out), d.log());
-    let out = d.docker(&["rm", "d1"]);
-    assert!(out.status.success(), "{}", text(&out));
+    detached_exec_stop_rm(&d, "husk", "d1");
     d.assert_clean();
 
     step("docker run with runtimeType io.containerd.husk.v2 (the shim), and by its name");
@@ -83,26 +63,7 @@ fn docker_drives_the_husk_cli_and_the_shim() {
     d.assert_clean();
 
     step("docker run -d, exec, stop, rm through the shim");
-    let out = d.docker(&[
-        "run",
-        "-d",
-        "--network",
-        "none",
-        "--runtime",
-        "husk-shim",
-        "--name",
-        "d2",
-        IMAGE,
-        "sleep",
-        "1000",
-    ]);
-    assert!(out.status.success(), "{}\n{}", text(&out), d.log());
-    let out = d.docker(&["exec", "d2", "sh", "-c", "echo in-shim-exec"]);
-    assert_eq!(stdout(&out), "in-shim-exec\n", "{}", text(&out));
-    let out = d.docker(&["stop", "-t", "2", "d2"]);
-    assert!(out.status.success(), "{}\n{}", text(&out), d.log());
-    let out = d.docker(&["rm", "d2"]);
-    assert!(out.status.success(), "{}", text(&out));
+    detached_exec_stop_rm(&d, "husk-shim", "d2");
     d.assert_clean();
 
     step("docker run --rm --runtime husk-vm: the container runs on the guest kernel");
@@ -118,4 +79,30 @@ fn docker_drives_the_husk_cli_and_the_shim() {
         "ran on the host kernel: {lines}"
     );
     d.assert_clean();
+}
+
+/// `docker run -d` of a sleeping container, `docker exec` in it (output and exit code),
+/// `docker stop` (sleep ignores SIGTERM as PID 1: the SIGKILL after 2 s ends it), `docker rm`.
+fn detached_exec_stop_rm(d: &Docker, runtime: &str, name: &str) {
+    let out = d.docker(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--runtime",
+        runtime,
+        "--name",
+        name,
+        IMAGE,
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{}\n{}", text(&out), d.log());
+    let out = d.docker(&["exec", name, "sh", "-c", "echo in-exec; exit 4"]);
+    assert_eq!(stdout(&out), "in-exec\n", "{}", text(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let out = d.docker(&["stop", "-t", "2", name]);
+    assert!(out.status.success(), "{}\n{}", text(&out), d.log());
+    let out = d.docker(&["rm", name]);
+    assert!(out.status.success(), "{}", text(&out));
 }
