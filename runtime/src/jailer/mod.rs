@@ -312,8 +312,7 @@ fn prepare_host_side(
                 }
             }
         }
-        sys.create_dir(&dir, 0o755)
-            .map_err(step("create the VM's cgroup", &dir))?;
+        create_vm_cgroup(sys, &dir)?;
     }
     for (controller, file, value) in limits.files() {
         let path = cgroup::cgroup_dir(&config.cgroup_root, controller, &config.id).join(file);
@@ -420,6 +419,24 @@ fn confine(
     sys.close_fds_except(&keep)
         .map_err(step("close inherited fds", Path::new("/proc/self/fd")))?;
     drop_privileges(sys, config, last_cap)
+}
+
+/// Creates a VM's cgroup. One left by an earlier sandbox of the same id that died without
+/// its `delete` (killed together with the tests driving it, say) is removed first: the
+/// kernel removes a cgroup directory only while no process is in it, so a live sandbox's
+/// stays, and this create fails naming the cgroup.
+fn create_vm_cgroup(sys: &dyn Sys, dir: &Path) -> Result<(), JailError> {
+    match sys.create_dir(dir, 0o755) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            sys.remove_dir(dir).map_err(step(
+                "remove the cgroup an earlier sandbox with this id left (if it still runs, delete it first)",
+                dir,
+            ))?;
+            sys.create_dir(dir, 0o755)
+                .map_err(step("create the VM's cgroup", dir))
+        }
+        other => other.map_err(step("create the VM's cgroup", dir)),
+    }
 }
 
 fn set_rlimits(sys: &dyn Sys, config: &JailConfig) -> Result<(), JailError> {

@@ -373,3 +373,18 @@ fn extra_files_are_linked_into_the_jail_root_and_named_as_the_vmm_sees_them() {
         "{log:#?}"
     );
 }
+
+#[test]
+fn a_cgroup_an_earlier_sandbox_left_is_replaced_unless_it_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let cgroup = dir.path().join("vm1");
+    let sys = super::sys::RealSys;
+    create_vm_cgroup(&sys, &cgroup).unwrap();
+    // Left behind (empty, as a cgroup with no process is): removed and made again.
+    create_vm_cgroup(&sys, &cgroup).unwrap();
+    assert!(cgroup.is_dir());
+    // In use (the kernel refuses to remove a cgroup with processes; here: not empty).
+    std::fs::write(cgroup.join("tasks"), "1").unwrap();
+    let err = create_vm_cgroup(&sys, &cgroup).unwrap_err().to_string();
+    assert!(err.contains("an earlier sandbox with this id"), "{err}");
+}
