@@ -258,6 +258,88 @@ fn exec_kill_and_dead_daemon() {
     h.assert_nothing_left();
 }
 
+/// A hook that appends the state it gets on stdin, one line per run, to `dir/<stage>`.
+fn recording_hook(dir: &std::path::Path, stage: &str) -> Value {
+    let file = dir.join(stage);
+    serde_json::json!({
+        "path": "/bin/sh",
+        "args": ["sh", "-c", format!("cat >> {}; echo >> {}", file.display(), file.display())],
+    })
+}
+
+/// The states one recording hook got, one per run.
+fn recorded(dir: &std::path::Path, stage: &str) -> Vec<Value> {
+    std::fs::read_to_string(dir.join(stage))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{stage}: {e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn runtime_hooks_run_once_on_the_host_around_a_vm_container() {
+    let mut h = Husk::new(Guest::HostAgent);
+    let b = bundle("while [ ! -e /go ]; do sleep 0.05; done");
+    let seen = tempfile::tempdir().unwrap();
+    let stages = ["prestart", "createRuntime", "poststart", "poststop"];
+    edit_config(b.path(), |config| {
+        for stage in stages {
+            config["hooks"][stage] = serde_json::json!([recording_hook(seen.path(), stage)]);
+        }
+    });
+    h.must(&["create", "--bundle", b.path().to_str().unwrap(), "hk"], T);
+    h.track(&["hk"]);
+    let pid = h.state("hk", T)["pid"].as_i64().unwrap();
+    // Run by the lifecycle on the host, and only there: the guest's spec has none of them
+    // (with the host-agent guest a hook left in it would run a second time, here).
+    for stage in ["prestart", "createRuntime"] {
+        let states = recorded(seen.path(), stage);
+        assert_eq!(states.len(), 1, "{stage} ran {} times", states.len());
+        assert_eq!(states[0]["id"], "hk", "{stage}: {}", states[0]);
+        assert_eq!(states[0]["status"], "created", "{stage}: {}", states[0]);
+        assert_eq!(states[0]["pid"], pid, "{stage}: {}", states[0]);
+    }
+    assert!(
+        recorded(seen.path(), "poststart").is_empty(),
+        "poststart before start"
+    );
+    h.must(&["start", "hk"], T);
+    let states = recorded(seen.path(), "poststart");
+    assert_eq!(states.len(), 1, "poststart ran {} times", states.len());
+    assert_eq!(states[0]["status"], "running", "{}", states[0]);
+    assert_eq!(states[0]["pid"], pid, "{}", states[0]);
+    std::fs::write(b.path().join("rootfs/go"), "").unwrap();
+    h.wait_status("hk", "stopped", T);
+    assert!(
+        recorded(seen.path(), "poststop").is_empty(),
+        "poststop before delete"
+    );
+    h.must(&["delete", "hk"], T);
+    let states = recorded(seen.path(), "poststop");
+    assert_eq!(states.len(), 1, "poststop ran {} times", states.len());
+    assert_eq!(states[0]["status"], "stopped", "{}", states[0]);
+
+    // A failing createRuntime hook fails create, names the hook, and leaves nothing.
+    edit_config(b.path(), |config| {
+        config["hooks"] = serde_json::json!({
+            "createRuntime": [{"path": "/bin/false", "args": ["false"]}],
+        });
+    });
+    let out = h.run_for(
+        &["create", "--bundle", b.path().to_str().unwrap(), "hk2"],
+        T,
+    );
+    assert!(
+        out.code != Some(0) && out.stderr.contains("createRuntime hook /bin/false"),
+        "{out:?}"
+    );
+    assert!(
+        h.run_for(&["state", "hk2"], T).code != Some(0),
+        "hk2 left behind"
+    );
+    h.assert_nothing_left();
+}
+
 #[test]
 fn bad_input_leaves_nothing() {
     let mut h = Husk::new(Guest::HostAgent);

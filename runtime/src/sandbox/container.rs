@@ -312,6 +312,10 @@ impl Sandbox for ContainerSandbox {
         })
     }
 
+    fn runs_host_hooks(&self) -> bool {
+        false
+    }
+
     fn update(&self, entry: &Entry, resources: &LinuxResources) -> Result<(), SandboxError> {
         let opt = ControllerOpt {
             resources,

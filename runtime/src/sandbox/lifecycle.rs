@@ -7,6 +7,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::LinuxResources;
 
+use super::hooks::{self, HookError, Stage};
 use super::pod::Role;
 use super::{backend_of, CreateOptions, ExecOptions, Sandbox, SandboxError};
 use crate::oci::bundle::BundleError;
@@ -27,6 +28,8 @@ pub enum LifecycleError {
     Store(#[from] StoreError),
     /// {0}
     Sandbox(#[from] SandboxError),
+    /// container {id}: {source}
+    Hook { id: String, source: HookError },
     /// cannot wait for pid {pid}: {source}
     Wait { pid: i32, source: nix::Error },
     /// cannot become a child subreaper: {0}
@@ -106,6 +109,16 @@ pub fn create(
         let pid = sandbox.create(&entry, &bundle, opts)?;
         record.pid = Some(pid);
         entry.write(&record)?;
+        if sandbox.runs_host_hooks() {
+            hooks::run_for(
+                &entry,
+                Some(&bundle.spec),
+                Stage::Created,
+                Status::Created,
+                pid,
+            )
+            .map_err(|source| hook_err(id, source))?;
+        }
         if let Some(path) = pid_file {
             write_atomic(&absolute(path), pid.to_string().as_bytes())?;
         }
@@ -129,7 +142,19 @@ fn absolute(path: &Path) -> PathBuf {
 pub fn start(store: &Store, id: &str) -> Result<(), LifecycleError> {
     let (entry, _, sandbox) = open(store, id)?;
     sandbox.start(&entry)?;
+    if sandbox.runs_host_hooks() {
+        let pid = sandbox.status(&entry)?.1.unwrap_or(0);
+        hooks::run_for(&entry, None, Stage::Started, Status::Running, pid)
+            .map_err(|source| hook_err(id, source))?;
+    }
     Ok(())
+}
+
+fn hook_err(id: &str, source: HookError) -> LifecycleError {
+    LifecycleError::Hook {
+        id: id.to_string(),
+        source,
+    }
 }
 
 /// The OCI state of a container.
@@ -180,8 +205,15 @@ pub fn kill(store: &Store, id: &str, signal: i32, all: bool) -> Result<(), Lifec
 pub fn delete(store: &Store, id: &str, force: bool) -> Result<(), LifecycleError> {
     let (entry, _, sandbox) = open(store, id)?;
     sandbox.delete(&entry, force)?;
+    // poststop hooks read the record, so they run before it goes; a failing one fails
+    // the delete only after everything else is gone.
+    let poststop = if sandbox.runs_host_hooks() {
+        hooks::run_for(&entry, None, Stage::Deleted, Status::Stopped, 0)
+    } else {
+        Ok(())
+    };
     entry.remove()?;
-    Ok(())
+    poststop.map_err(|source| hook_err(id, source))
 }
 
 /// Starts a process in the running container; writes `pid_file` when given.

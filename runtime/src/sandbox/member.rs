@@ -13,7 +13,6 @@ use husk_protocol::client::AgentClient;
 use husk_protocol::messages::ProcessRef;
 use oci_spec::runtime::LinuxResources;
 
-use super::hooks::{self, Stage};
 use super::vm::{
     await_ready, backend_err, daemon_config, exec_process, spawn_exec_relay, spawn_helper,
     wrong_status,
@@ -156,14 +155,6 @@ impl Sandbox for MemberSandbox {
         process
             .write(&entry.dir().join(PID_FILE))
             .map_err(|e| backend_err(id, "create", e))?;
-        hooks::run_for(
-            entry,
-            Some(&bundle.spec),
-            Stage::Created,
-            Status::Created,
-            pid,
-        )
-        .map_err(|e| backend_err(id, "create", e))?;
         Ok(pid)
     }
 
@@ -176,9 +167,6 @@ impl Sandbox for MemberSandbox {
             .start_container(entry.id())
             .map_err(|e| backend_err(entry.id(), "start", e))?;
         std::fs::write(entry.dir().join(STARTED_FILE), b"")
-            .map_err(|e| backend_err(entry.id(), "start", e))?;
-        let pid = member_process(entry)?.map(|p| p.pid).unwrap_or(0);
-        hooks::run_for(entry, None, Stage::Started, Status::Running, pid)
             .map_err(|e| backend_err(entry.id(), "start", e))
     }
 
@@ -241,8 +229,6 @@ impl Sandbox for MemberSandbox {
         }
         config
             .remove_share()
-            .map_err(|e| backend_err(entry.id(), "delete", e))?;
-        hooks::run_for(entry, None, Stage::Deleted, Status::Stopped, 0)
             .map_err(|e| backend_err(entry.id(), "delete", e))
     }
 
@@ -281,6 +267,10 @@ impl Sandbox for MemberSandbox {
         agent(entry, "events", status)?
             .stats(entry.id())
             .map_err(|e| backend_err(entry.id(), "events", e))
+    }
+
+    fn runs_host_hooks(&self) -> bool {
+        true
     }
 
     fn update(&self, entry: &Entry, resources: &LinuxResources) -> Result<(), SandboxError> {

@@ -142,6 +142,10 @@ pub trait Sandbox {
     fn stats(&self, entry: &Entry) -> Result<serde_json::Value, SandboxError>;
     /// Changes the container's resource limits.
     fn update(&self, entry: &Entry, resources: &LinuxResources) -> Result<(), SandboxError>;
+    /// Whether the lifecycle runs the container's runtime-namespace OCI hooks on the host
+    /// ([`hooks`]): true where the container runs in a guest, which lacks the host
+    /// programs they name; a plain container's hooks are libcontainer's to run.
+    fn runs_host_hooks(&self) -> bool;
 }
 
 /// The backend for an isolation level.

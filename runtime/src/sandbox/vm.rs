@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use oci_spec::runtime::{LinuxResources, Process, UserBuilder};
 
-use super::hooks::{self, Stage};
 use super::{CreateOptions, ExecOptions, GuestArtifacts, Sandbox, SandboxError};
 use crate::artifacts::{locate, Artifact};
 use crate::daemon::config::TEST_GUEST_ENV;
@@ -418,22 +417,11 @@ impl Sandbox for VmSandbox {
         process
             .write(&layout.vmm_file())
             .map_err(|e| backend_err(id, "create", e))?;
-        hooks::run_for(
-            entry,
-            Some(&bundle.spec),
-            Stage::Created,
-            Status::Created,
-            pid,
-        )
-        .map_err(|e| backend_err(id, "create", e))?;
         Ok(pid)
     }
 
     fn start(&self, entry: &Entry) -> Result<(), SandboxError> {
-        self.call(entry, "start", ControlRequest::Start)?;
-        let pid = daemon(entry)?.0.map(|p| p.pid).unwrap_or(0);
-        hooks::run_for(entry, None, Stage::Started, Status::Running, pid)
-            .map_err(|e| backend_err(entry.id(), "start", e))
+        self.call(entry, "start", ControlRequest::Start).map(drop)
     }
 
     fn status(&self, entry: &Entry) -> Result<(Status, Option<i32>), SandboxError> {
@@ -491,8 +479,6 @@ impl Sandbox for VmSandbox {
         }
         // The run directory (the launcher's host side, when jailed).
         remove_dir_if_present(&layout.host_run_dir())
-            .map_err(|e| backend_err(entry.id(), "delete", e))?;
-        hooks::run_for(entry, None, Stage::Deleted, Status::Stopped, 0)
             .map_err(|e| backend_err(entry.id(), "delete", e))
     }
 
@@ -533,6 +519,10 @@ impl Sandbox for VmSandbox {
         self.agent(entry, "events", status)?
             .stats(entry.id())
             .map_err(|e| backend_err(entry.id(), "events", e))
+    }
+
+    fn runs_host_hooks(&self) -> bool {
+        true
     }
 
     fn update(&self, entry: &Entry, resources: &LinuxResources) -> Result<(), SandboxError> {
