@@ -32,7 +32,14 @@ fn run_prints_output_relays_stdin_and_propagates_the_exit_code() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let _vm = vm_lock::hold();
     let mut h = Husk::new(Guest::MicroVm);
-    let b = bundle("read x; echo hello from a husk microVM: $x; uname -a; echo oops >&2; exit 3");
+    // The guest kernel's built-in module parameters are in sysfs (patch 0006 adds them
+    // one module at a time): shell builtins only, each process costs seconds here.
+    let b = bundle(
+        "read x; echo hello from a husk microVM: $x; uname -a; \
+         echo /sys/module/printk/parameters/*; \
+         read t < /sys/module/printk/parameters/time; echo printk.time=$t; \
+         echo oops >&2; exit 3",
+    );
     h.track(&["r1"]);
     let err = tempfile::NamedTempFile::new().unwrap();
     let started = Instant::now();
@@ -83,6 +90,16 @@ fn run_prints_output_relays_stdin_and_propagates_the_exit_code() {
         !uname.contains(host.trim()),
         "the container ran on the host kernel: {uname:?}"
     );
+    let params = lines.next().unwrap_or_default();
+    for param in ["ignore_loglevel", "time"] {
+        assert!(
+            params
+                .split(' ')
+                .any(|p| p == format!("/sys/module/printk/parameters/{param}")),
+            "printk.{param} missing from sysfs: {params:?}"
+        );
+    }
+    assert_eq!(lines.next(), Some("printk.time=Y"));
     assert_eq!(stderr, "oops\n");
     assert!(
         h.run_for(&["state", "r1"], CALL_TIMEOUT).code != Some(0),

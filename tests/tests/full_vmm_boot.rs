@@ -96,6 +96,14 @@ fn linux_guest_with_one_vcpu_boots_its_root_disk_until_the_agent_is_ready() {
     let image = guest_artifact(Artifact::Initrd);
     let console = boot_until_ready(1, 128, image);
     assert!(console.contains("Processors: 1"), "console:\n{console}");
+    // The VMM's seed (setup_data) readies the kernel's generator before the first
+    // initcall; without it the guest reached ready with it still unseeded.
+    let seeded = console.find("random: crng init done");
+    let first_initcall = console.find("Calibrating delay loop");
+    assert!(
+        matches!((seeded, first_initcall), (Some(s), Some(c)) if s < c),
+        "the RNG was not seeded at boot:\n{console}"
+    );
     // The root disk: served by virtio-blk, mounted read-only, no initramfs to unpack.
     for line in [
         "virtio_blk virtio0: [vda]",

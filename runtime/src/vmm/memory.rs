@@ -14,6 +14,8 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 pub const BOOT_GDT_START: u64 = 0x500;
 /// Boot IDT: empty, so any early exception shuts the guest down instead of looping.
 pub const BOOT_IDT_START: u64 = 0x520;
+/// The `setup_data` list the zero page points at (the RNG seed), below the zero page.
+pub const SETUP_DATA_START: u64 = 0x6000;
 /// The Linux zero page (`boot_params`).
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer of the boot vCPU (grows down, below the page tables).

@@ -29,6 +29,7 @@ pub mod builder;
 pub mod config;
 pub mod device_set;
 pub mod devices;
+pub mod entropy;
 pub mod event_loop;
 pub mod guest;
 pub mod kvm;

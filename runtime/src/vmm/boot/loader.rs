@@ -1,5 +1,6 @@
 //! Loading Linux: the ELF `vmlinux` (64-bit entry), the initramfs below the top of low
-//! RAM, the command line, and the zero page (`boot_params`) with the e820 map.
+//! RAM, the command line, and the zero page (`boot_params`) with the e820 map and a seed
+//! for the kernel's random number generator (`setup_data`).
 
 use std::fs::File;
 use std::io::Read;
@@ -14,7 +15,8 @@ use linux_loader::loader::{load_cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::vmm::memory::{
-    low_ram_end, ram_ranges, CMDLINE_START, EBDA_START, HIMEM_START, ZERO_PAGE_START,
+    low_ram_end, ram_ranges, CMDLINE_START, EBDA_START, HIMEM_START, SETUP_DATA_START,
+    ZERO_PAGE_START,
 };
 
 /// Errors loading the guest kernel and its inputs.
@@ -53,6 +55,10 @@ pub enum LoaderError {
     WriteCmdline(linux_loader::loader::Error),
     /// writing boot_params failed: {0}
     WriteBootParams(linux_loader::configurator::Error),
+    /// drawing a seed for the guest's random number generator from the host (getrandom) failed: {0}
+    Seed(std::io::Error),
+    /// writing the guest's random number generator seed failed: {0}
+    WriteSeed(vm_memory::GuestMemoryError),
 }
 
 /// Where the kernel landed and where the initramfs went.
@@ -72,6 +78,25 @@ const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
 const E820_RAM: u32 = 1;
 const PAGE_SIZE: u64 = 0x1000;
+/// `setup_data` type of a seed for the kernel's generator (asm/bootparam.h).
+const SETUP_RNG_SEED: u32 = 9;
+/// Bytes of seed: one ChaCha key, what the kernel's generator is keyed with.
+pub const RNG_SEED_LEN: usize = 32;
+
+/// The `setup_data` node carrying `seed`: next (none), type, length, then the bytes.
+/// A kernel with `random.trust_bootloader` (the guest kernel's default) credits it in
+/// `setup_arch`, so its generator is ready before the first initcall: without it the
+/// guest reached the agent's ready with the generator still unseeded (each early
+/// random draw then re-extracted the input pool, and a blocking `getrandom` in a
+/// container would wait for entropy an emulated guest gathers slowly).
+pub fn rng_seed_setup_data(seed: &[u8]) -> Vec<u8> {
+    let mut node = Vec::with_capacity(16 + seed.len());
+    node.extend_from_slice(&0u64.to_le_bytes());
+    node.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
+    node.extend_from_slice(&(seed.len() as u32).to_le_bytes());
+    node.extend_from_slice(seed);
+    node
+}
 
 /// Loads the ELF kernel at its physical addresses (at or above 1 MiB).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64), LoaderError> {
@@ -157,6 +182,7 @@ pub fn build_boot_params(
     mem_size: u64,
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
+    setup_data: Option<u64>,
 ) -> boot_params {
     let mut params = boot_params::default();
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
@@ -169,13 +195,16 @@ pub fn build_boot_params(
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = len as u32;
     }
+    if let Some(addr) = setup_data {
+        params.hdr.setup_data = addr;
+    }
     let entries = e820_entries(mem_size);
     params.e820_entries = entries.len() as u8;
     params.e820_table[..entries.len()].copy_from_slice(&entries);
     params
 }
 
-/// Writes the command line and the zero page.
+/// Writes the command line, the RNG seed and the zero page.
 pub fn write_boot_params(
     mem: &GuestMemoryMmap,
     cmdline: &Cmdline,
@@ -186,7 +215,10 @@ pub fn write_boot_params(
         .as_cstring()
         .map(|c| c.as_bytes().len())
         .unwrap_or(0);
-    let params = build_boot_params(mem.last_addr().0 + 1, len, initrd);
+    let seed = crate::vmm::entropy::host_random(RNG_SEED_LEN).map_err(LoaderError::Seed)?;
+    mem.write_slice(&rng_seed_setup_data(&seed), GuestAddress(SETUP_DATA_START))
+        .map_err(LoaderError::WriteSeed)?;
+    let params = build_boot_params(mem.last_addr().0 + 1, len, initrd, Some(SETUP_DATA_START));
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
         mem,
@@ -215,8 +247,30 @@ mod tests {
     }
 
     #[test]
+    fn the_zero_page_points_at_a_fresh_rng_seed_for_each_boot() {
+        let mem = crate::vmm::memory::create_guest_memory(16).unwrap();
+        let cmdline = Cmdline::new(64).unwrap();
+        let mut seeds = Vec::new();
+        for _ in 0..2 {
+            write_boot_params(&mem, &cmdline, None).unwrap();
+            let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+            assert_eq!({ params.hdr.setup_data }, SETUP_DATA_START);
+            let mut node = [0u8; 16 + RNG_SEED_LEN];
+            mem.read_slice(&mut node, GuestAddress(SETUP_DATA_START))
+                .unwrap();
+            assert_eq!(&node[..8], &[0; 8], "next: the seed is the only node");
+            assert_eq!(u32::from_le_bytes(node[8..12].try_into().unwrap()), 9);
+            let len = u32::from_le_bytes(node[12..16].try_into().unwrap());
+            assert_eq!(len as usize, RNG_SEED_LEN);
+            seeds.push(node[16..].to_vec());
+        }
+        assert_ne!(seeds[0], seeds[1], "each boot draws its own seed");
+        assert!(SETUP_DATA_START + 16 + RNG_SEED_LEN as u64 <= ZERO_PAGE_START);
+    }
+
+    #[test]
     fn boot_params_point_at_cmdline_initrd_and_carry_the_magic() {
-        let p = build_boot_params(128 << 20, 42, Some((0x700_0000, 0x1234)));
+        let p = build_boot_params(128 << 20, 42, Some((0x700_0000, 0x1234)), None);
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
         assert_eq!({ p.hdr.header }, 0x5372_6448);
         assert_eq!({ p.hdr.cmd_line_ptr } as u64, CMDLINE_START);
