@@ -265,7 +265,12 @@ mod tests {
             seeds.push(node[16..].to_vec());
         }
         assert_ne!(seeds[0], seeds[1], "each boot draws its own seed");
-        assert!(SETUP_DATA_START + 16 + RNG_SEED_LEN as u64 <= ZERO_PAGE_START);
+        // Outside the RAM map (no split entry) yet below the kernel, in guest memory.
+        let end = SETUP_DATA_START + 16 + RNG_SEED_LEN as u64;
+        assert!(e820_entries(16 << 20)
+            .iter()
+            .all(|e| end <= e.addr || SETUP_DATA_START >= e.addr + e.size));
+        assert!(SETUP_DATA_START >= EBDA_START + 0x400 && end <= HIMEM_START);
     }
 
     #[test]
