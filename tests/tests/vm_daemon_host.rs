@@ -276,6 +276,16 @@ fn recorded(dir: &std::path::Path, stage: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The hook of `stage` ran exactly once and got container `hk` in `status` with `pid`.
+fn assert_ran_once(dir: &std::path::Path, stage: &str, status: &str, pid: i64) {
+    let states = recorded(dir, stage);
+    assert_eq!(states.len(), 1, "{stage} ran {} times", states.len());
+    let state = &states[0];
+    assert_eq!(state["id"], "hk", "{stage}: {state}");
+    assert_eq!(state["status"], status, "{stage}: {state}");
+    assert_eq!(state["pid"], pid, "{stage}: {state}");
+}
+
 #[test]
 fn runtime_hooks_run_once_on_the_host_around_a_vm_container() {
     let mut h = Husk::new(Guest::HostAgent);
@@ -293,21 +303,14 @@ fn runtime_hooks_run_once_on_the_host_around_a_vm_container() {
     // Run by the lifecycle on the host, and only there: the guest's spec has none of them
     // (with the host-agent guest a hook left in it would run a second time, here).
     for stage in ["prestart", "createRuntime"] {
-        let states = recorded(seen.path(), stage);
-        assert_eq!(states.len(), 1, "{stage} ran {} times", states.len());
-        assert_eq!(states[0]["id"], "hk", "{stage}: {}", states[0]);
-        assert_eq!(states[0]["status"], "created", "{stage}: {}", states[0]);
-        assert_eq!(states[0]["pid"], pid, "{stage}: {}", states[0]);
+        assert_ran_once(seen.path(), stage, "created", pid);
     }
     assert!(
         recorded(seen.path(), "poststart").is_empty(),
         "poststart before start"
     );
     h.must(&["start", "hk"], T);
-    let states = recorded(seen.path(), "poststart");
-    assert_eq!(states.len(), 1, "poststart ran {} times", states.len());
-    assert_eq!(states[0]["status"], "running", "{}", states[0]);
-    assert_eq!(states[0]["pid"], pid, "{}", states[0]);
+    assert_ran_once(seen.path(), "poststart", "running", pid);
     std::fs::write(b.path().join("rootfs/go"), "").unwrap();
     h.wait_status("hk", "stopped", T);
     assert!(
@@ -315,9 +318,7 @@ fn runtime_hooks_run_once_on_the_host_around_a_vm_container() {
         "poststop before delete"
     );
     h.must(&["delete", "hk"], T);
-    let states = recorded(seen.path(), "poststop");
-    assert_eq!(states.len(), 1, "poststop ran {} times", states.len());
-    assert_eq!(states[0]["status"], "stopped", "{}", states[0]);
+    assert_ran_once(seen.path(), "poststop", "stopped", 0);
 
     // A failing createRuntime hook fails create, names the hook, and leaves nothing.
     edit_config(b.path(), |config| {
