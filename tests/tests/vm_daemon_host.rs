@@ -483,15 +483,7 @@ fn a_pod_member_runs_in_its_sandbox_and_joins_its_namespaces() {
     );
 
     // Killed through the agent; its process reports the signal.
-    let m = bundle("sleep 100");
-    pod_role(m.path(), "container", "pod1");
-    h.must(
-        &["create", "--bundle", m.path().to_str().unwrap(), "app2"],
-        T,
-    );
-    h.track(&["app2"]);
-    let pid = h.state("app2", T)["pid"].as_i64().unwrap();
-    h.must(&["start", "app2"], T);
+    let (_app2, pid) = start_sleeping_member(&mut h, "app2");
     h.wait_status("app2", "running", T);
     let out = h.run_for(&["pause", "app2"], T);
     assert!(
@@ -521,8 +513,25 @@ fn a_pod_member_runs_in_its_sandbox_and_joins_its_namespaces() {
     );
     assert!(h.run_for(&["state", "lost1"], T).code != Some(0));
 
+    // The sandbox deleted before a member: the member's share goes with the sandbox's,
+    // the member stops with the pod's guest, and its own delete then succeeds.
+    let (_app3, pid) = start_sleeping_member(&mut h, "app3");
     h.must(&["delete", "--force", "pod1"], T);
+    reap(pid as i32, T);
+    assert_eq!(h.state("app3", T)["status"], "stopped");
+    h.must(&["delete", "app3"], T);
     h.assert_nothing_left();
+}
+
+/// Creates and starts member `id` of pod1 running `sleep 100`; returns its bundle and pid.
+fn start_sleeping_member(h: &mut Husk, id: &str) -> (tempfile::TempDir, i64) {
+    let m = bundle("sleep 100");
+    pod_role(m.path(), "container", "pod1");
+    h.must(&["create", "--bundle", m.path().to_str().unwrap(), id], T);
+    h.track(&[id]);
+    let pid = h.state(id, T)["pid"].as_i64().unwrap();
+    h.must(&["start", id], T);
+    (m, pid)
 }
 
 fn step_member_exit_code_and_namespaces(h: &mut Husk) {

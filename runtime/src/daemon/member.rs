@@ -92,9 +92,32 @@ impl MemberConfig {
     /// Unmounts and removes what the member put in the sandbox's share (its rootfs and
     /// host mounts, its name files); missing pieces are fine.
     pub fn remove_share(&self) -> Result<(), share::ShareError> {
-        crate::net::guest::remove_name_files(&self.share_subdir().join("etc"));
-        share::remove(&self.share_subdir(), &self.rootfs_mount())
+        remove_member_subdir(&self.share_subdir())
     }
+}
+
+/// What one member put in a sandbox's share: `share/<member>/`, its `rootfs` bind (with
+/// the host mounts under it) and its name files.
+fn remove_member_subdir(subdir: &Path) -> Result<(), share::ShareError> {
+    crate::net::guest::remove_name_files(&subdir.join("etc"));
+    share::remove(subdir, &subdir.join("rootfs"))
+}
+
+/// Takes down the shares pod members still have in the sandbox `sandbox_id`'s share
+/// (every `share/<id>/` but the sandbox's own), as each member's delete would: a pod's
+/// sandbox deleted before its members (its VM, and with it the members, are gone) leaves
+/// their records only, whose deletes then find nothing left to unmount.
+pub fn remove_member_shares(share_dir: &Path, sandbox_id: &str) -> Result<(), share::ShareError> {
+    let Ok(entries) = std::fs::read_dir(share_dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && entry.file_name() != sandbox_id {
+            remove_member_subdir(&entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs the member process; returns its exit code.

@@ -465,7 +465,8 @@ impl Sandbox for VmSandbox {
         // The daemon may be confined (no `tc`): its network redirects are removed here.
         crate::net::guest::cleanup(&layout.host_run_dir(), &layout.name_files())
             .map_err(|e| backend_err(entry.id(), "delete", e))?;
-        share::remove(&layout.share_dir(), &layout.rootfs_mount())
+        crate::daemon::member::remove_member_shares(&layout.share_dir(), entry.id())
+            .and_then(|()| share::remove(&layout.share_dir(), &layout.rootfs_mount()))
             .map_err(|e| backend_err(entry.id(), "delete", e))?;
         if layout.jailed() {
             crate::jailer::Jail::remove(
