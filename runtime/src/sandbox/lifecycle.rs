@@ -140,10 +140,11 @@ fn absolute(path: &Path) -> PathBuf {
 
 /// Releases the container's process from the exec barrier.
 pub fn start(store: &Store, id: &str) -> Result<(), LifecycleError> {
-    let (entry, _, sandbox) = open(store, id)?;
+    let (entry, record, sandbox) = open(store, id)?;
     sandbox.start(&entry)?;
     if sandbox.runs_host_hooks() {
-        let pid = sandbox.status(&entry)?.1.unwrap_or(0);
+        // The container's pid as create reported it, even if it has exited by now.
+        let pid = record.pid.unwrap_or(0);
         hooks::run_for(&entry, None, Stage::Started, Status::Running, pid)
             .map_err(|source| hook_err(id, source))?;
     }
