@@ -206,15 +206,14 @@ pub fn kill(store: &Store, id: &str, signal: i32, all: bool) -> Result<(), Lifec
 pub fn delete(store: &Store, id: &str, force: bool) -> Result<(), LifecycleError> {
     let (entry, _, sandbox) = open(store, id)?;
     sandbox.delete(&entry, force)?;
-    // poststop hooks read the record, so they run before it goes; a failing one fails
-    // the delete only after everything else is gone.
-    let poststop = if sandbox.runs_host_hooks() {
+    // poststop hooks read the record, so they run before it goes (a failing one is
+    // logged, not an error: hooks::run).
+    if sandbox.runs_host_hooks() {
         hooks::run_for(&entry, None, Stage::Deleted, Status::Stopped, 0)
-    } else {
-        Ok(())
-    };
+            .map_err(|source| hook_err(id, source))?;
+    }
     entry.remove()?;
-    poststop.map_err(|source| hook_err(id, source))
+    Ok(())
 }
 
 /// Starts a process in the running container; writes `pid_file` when given.

@@ -81,7 +81,7 @@ const PAGE_SIZE: u64 = 0x1000;
 /// `setup_data` type of a seed for the kernel's generator (asm/bootparam.h).
 const SETUP_RNG_SEED: u32 = 9;
 /// Bytes of seed: one ChaCha key, what the kernel's generator is keyed with.
-pub const RNG_SEED_LEN: usize = 32;
+const RNG_SEED_LEN: usize = 32;
 
 /// The `setup_data` node carrying `seed`: next (none), type, length, then the bytes.
 /// A kernel with `random.trust_bootloader` (the guest kernel's default) credits it in
@@ -89,7 +89,7 @@ pub const RNG_SEED_LEN: usize = 32;
 /// guest reached the agent's ready with the generator still unseeded (each early
 /// random draw then re-extracted the input pool, and a blocking `getrandom` in a
 /// container would wait for entropy an emulated guest gathers slowly).
-pub fn rng_seed_setup_data(seed: &[u8]) -> Vec<u8> {
+fn rng_seed_setup_data(seed: &[u8]) -> Vec<u8> {
     let mut node = Vec::with_capacity(16 + seed.len());
     node.extend_from_slice(&0u64.to_le_bytes());
     node.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
