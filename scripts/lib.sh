@@ -26,3 +26,15 @@ timed() {
     printf '==> %s took %ss (exit %s)\n' "$name" "$(( $(date +%s) - start ))" "$rc" >&2
     return $rc
 }
+
+# need_disk_space DIR GB: fail early, naming DIR, when its filesystem has less than GB
+# gigabytes free (a linker that runs out of space mid-build dies of SIGBUS, which says
+# nothing about the cause).
+need_disk_space() {
+    local dir=$1 want_gb=$2 avail_kb
+    mkdir -p "$dir"
+    avail_kb=$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')
+    if [ -n "$avail_kb" ] && [ "$avail_kb" -lt $(( want_gb * 1024 * 1024 )) ]; then
+        die "$dir has $(( avail_kb / 1024 / 1024 )) GB free, the build and tests need about ${want_gb} GB: free space there (e.g. cargo clean in other checkouts) and run again"
+    fi
+}

@@ -124,6 +124,9 @@ build_guest_files() {
 main() {
     cd "$HUSK_REPO"
     mkdir -p "$HUSK_OUT"
+    # A clean build (debug and release workspace, the static agent, clippy) takes ~5 GB
+    # under target/, a cold kernel build ~2 GB more in the cache.
+    need_disk_space "$HUSK_REPO/target" 8
     install_packages
     check_toolchain
     build_kernel
