@@ -255,7 +255,15 @@ impl VmBuilder {
                         .unwrap_or_default()
                 );
                 let initramfs = self.guest_root.initramfs();
-                boot::load_linux(&self.mem, kernel, initramfs, &line, self.vcpus)?
+                let device_irqs: Vec<u32> = self.mmio_slots.iter().map(|s| s.irq).collect();
+                boot::load_linux(
+                    &self.mem,
+                    kernel,
+                    initramfs,
+                    &line,
+                    self.vcpus,
+                    &device_irqs,
+                )?
             }
             BootSource::Raw {
                 code,

@@ -99,20 +99,22 @@ pub struct BootEntry {
     pub zero_page: u64,
 }
 
-/// Loads a Linux kernel, its initramfs, the command line, boot_params and the MP table.
+/// Loads a Linux kernel, its initramfs, the command line, boot_params and the MP table
+/// (routing the devices' `device_irqs`).
 pub fn load_linux(
     mem: &GuestMemoryMmap,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &Cmdline,
     vcpus: u8,
+    device_irqs: &[u32],
 ) -> Result<BootEntry, BootError> {
     let (entry, kernel_end) = loader::load_kernel(mem, kernel)?;
     let initrd = initrd
         .map(|path| loader::load_initrd(mem, path, kernel_end))
         .transpose()?;
     loader::write_boot_params(mem, cmdline, initrd)?;
-    mptable::write(mem, vcpus)?;
+    mptable::write(mem, vcpus, device_irqs)?;
     regs::write_long_mode_tables(mem)?;
     Ok(BootEntry {
         entry,
@@ -150,7 +152,7 @@ pub fn load_raw(
     }
     mem.write_slice(code, GuestAddress(load_addr))
         .map_err(|_| bad)?;
-    mptable::write(mem, vcpus)?;
+    mptable::write(mem, vcpus, &[])?;
     if mode == CpuMode::Long {
         regs::write_long_mode_tables(mem)?;
     }

@@ -20,6 +20,9 @@ pub enum MptableError {
 
 /// IOAPIC pins, each wired to the ISA/GSI interrupt of the same number.
 pub const IOAPIC_PINS: u8 = 24;
+/// The ISA interrupts (0-15), routed whether or not a device uses them: Linux preallocates
+/// them as legacy IRQs anyway, and checks the timer on pin 0.
+const ISA_IRQS: u8 = 16;
 /// The table must end before 0xa0000 (1 KiB of EBDA).
 pub const MAX_VCPUS: u8 = 32;
 const TABLE_AREA: usize = 0x400;
@@ -53,7 +56,10 @@ fn interrupt_entry(kind: u8, int_type: u8, src_irq: u8, dst_id: u8, dst_pin: u8)
 }
 
 /// The whole table (floating pointer first) as it must appear at [`EBDA_START`].
-pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
+/// Builds the table for `num_cpus` vCPUs. Pins above the ISA range get an entry only when a
+/// device is wired to them (`device_irqs`): the guest kernel maps, and gives a sysfs and a
+/// procfs directory to, every routed pin, ~30000 emulated instructions each.
+pub fn build(num_cpus: u8, device_irqs: &[u32]) -> Result<Vec<u8>, MptableError> {
     if num_cpus == 0 || num_cpus > MAX_VCPUS {
         return Err(MptableError::TooManyCpus(num_cpus));
     }
@@ -69,7 +75,9 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&ioapic_addr);
     count += 2;
-    for irq in 0..IOAPIC_PINS {
+    let routed =
+        (0..IOAPIC_PINS).filter(|&pin| pin < ISA_IRQS || device_irqs.contains(&u32::from(pin)));
+    for irq in routed {
         entries.extend(interrupt_entry(3, INT_TYPE_INT, irq, ioapic_id, irq));
         count += 1;
     }
@@ -108,9 +116,9 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     Ok(fp)
 }
 
-/// Writes the MP table for `num_cpus` vCPUs into guest memory.
-pub fn write(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableError> {
-    let table = build(num_cpus)?;
+/// Writes the MP table for `num_cpus` vCPUs and devices on `device_irqs` into guest memory.
+pub fn write(mem: &GuestMemoryMmap, num_cpus: u8, device_irqs: &[u32]) -> Result<(), MptableError> {
+    let table = build(num_cpus, device_irqs)?;
     mem.write_slice(&table, GuestAddress(EBDA_START))
         .map_err(MptableError::Write)
 }
@@ -125,7 +133,7 @@ mod tests {
 
     #[test]
     fn checksums_and_pointers_are_valid() {
-        let t = build(2).unwrap();
+        let t = build(2, &[]).unwrap();
         assert_eq!(&t[0..4], b"_MP_");
         assert_eq!(sum(&t[0..16]), 0);
         let table_addr = u32::from_le_bytes(t[4..8].try_into().unwrap()) as u64;
@@ -139,9 +147,9 @@ mod tests {
 
     #[test]
     fn lists_each_cpu_with_the_first_as_boot_processor() {
-        let t = build(3).unwrap();
+        let t = build(3, &[]).unwrap();
         let table = &t[16..];
-        assert_eq!(u16::from_le_bytes([table[34], table[35]]), 3 + 2 + 24 + 2);
+        assert_eq!(u16::from_le_bytes([table[34], table[35]]), 3 + 2 + 16 + 2);
         let cpus: Vec<(u8, u8)> = (0..3)
             .map(|i| (table[44 + 20 * i + 1], table[44 + 20 * i + 3]))
             .collect();
@@ -157,9 +165,33 @@ mod tests {
 
     #[test]
     fn refuses_more_cpus_than_fit() {
-        assert!(build(MAX_VCPUS).unwrap().len() <= TABLE_AREA);
-        let err = build(MAX_VCPUS + 1).unwrap_err().to_string();
+        let every_pin: Vec<u32> = (0..u32::from(IOAPIC_PINS)).collect();
+        assert!(build(MAX_VCPUS, &every_pin).unwrap().len() <= TABLE_AREA);
+        let err = build(MAX_VCPUS + 1, &[]).unwrap_err().to_string();
         assert!(err.contains("at most 32"), "{err}");
-        assert!(build(0).is_err());
+        assert!(build(0, &[]).is_err());
+    }
+
+    /// The (source IRQ, destination pin) of each IOAPIC interrupt entry.
+    fn routed_pins(t: &[u8], num_cpus: usize) -> Vec<(u8, u8)> {
+        let table = &t[16..];
+        let mut at = 44 + 20 * num_cpus + 8 + 8;
+        let mut pins = Vec::new();
+        while at < table.len() && table[at] == 3 {
+            pins.push((table[at + 5], table[at + 7]));
+            at += 8;
+        }
+        pins
+    }
+
+    #[test]
+    fn routes_the_isa_pins_and_only_the_used_pins_above() {
+        let isa: Vec<(u8, u8)> = (0..16).map(|p| (p, p)).collect();
+        assert_eq!(routed_pins(&build(1, &[]).unwrap(), 1), isa);
+        // Devices inside the ISA range add nothing; a device on pin 19 adds pin 19 alone.
+        assert_eq!(routed_pins(&build(1, &[5, 6]).unwrap(), 1), isa);
+        let mut with_19 = isa.clone();
+        with_19.push((19, 19));
+        assert_eq!(routed_pins(&build(2, &[5, 19]).unwrap(), 2), with_19);
     }
 }
