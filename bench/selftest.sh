@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Cheap check of the benchmark scripts (no guest, no runtime, well under a second): the
-# entry point's --help works and lib.sh's helpers compute medians and spreads correctly.
+# entry point's --help works, lib.sh's helpers compute medians and spreads correctly, and
+# boot_profile.py attributes a made-up trace's time to the right function, instruction,
+# phase and tick.
 # Called from scripts/test.sh's lint tier; the benchmark itself is never run in CI.
 set -euo pipefail
 dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,5 +29,20 @@ check "$(printf 'start-full\ta label\trunc\tms\t3\t2\t1\t3')" "$(cat "$results")
 printf 'start-full\ta label\thusk-vm\tms\t1\t4\t4\t4\n' >>"$results"
 "$dir/run.sh" --render "$results" --out "$md" >/dev/null
 grep -qF '| a label | husk-vm | 4 ms |  | 1 | 2.00 |' "$md" || { echo "bench selftest: --render: no husk-vm row with ratio 2.00 against runc" >&2; fail=1; }
+# boot_profile.py on a made-up trace: a 3-instruction function, a 1 ms rep instruction, an
+# initcall phase (its 3 instructions and the tick inside it) and one timer tick.
+map=$(mktemp) trace=$(mktemp) prof=$(mktemp)
+trap 'rm -f "$results" "$md" "$map" "$trace" "$prof"' EXIT
+printf '%s\n' "ffffffff81000000 T do_one_initcall" "ffffffff81000100 t foo_init" \
+    "ffffffff81000200 T asm_sysvec_apic_timer_interrupt" \
+    "ffffffff81000300 T restore_regs_and_return_to_kernel" "ffffffff81000400 T zzz_end" >"$map"
+printf '%s\n' "1.000000 ffffffff81000000" "1.000001 ffffffff81000100" "1.000002 ffffffff81000104" \
+    "1.001002 ffffffff81000108" "1.001003 ffffffff81000200" "1.001004 ffffffff81000300" \
+    "1.001005 ffffffff81000108" >"$trace"
+python3 "$dir/boot_profile.py" "$trace" "$map" >"$prof"
+grep -qF "6 emulated instructions over 0.001 s" "$prof" || { echo "bench selftest: boot_profile.py: wrong totals" >&2; fail=1; }
+grep -qE "^ +0\.001 s +1 x +1000\.0 us +ffffffff81000104 foo_init$" "$prof" || { echo "bench selftest: boot_profile.py: the 1 ms instruction is not the costliest" >&2; fail=1; }
+grep -qE "^ +0\.001 s .* 5 insns +do_one_initcall > foo_init$" "$prof" || { echo "bench selftest: boot_profile.py: no foo_init phase" >&2; fail=1; }
+grep -qF "timer ticks: 1, 2 instructions" "$prof" || { echo "bench selftest: boot_profile.py: tick not counted" >&2; fail=1; }
 [ "$fail" = 0 ] && echo "bench selftest: ok"
 exit "$fail"

@@ -15,6 +15,7 @@ APT_PACKAGES=(
     containerd docker.io         # engines driving husk in the full-path shim and Docker tests
     flex bison libelf-dev bc xz-utils linux-source-6.1 # the guest kernel
     iperf3                       # bench/net.sh: TCP throughput, husk-vm vs runc
+    python3                      # bench/boot_profile.py (and its check in the lint tier)
 )
 
 install_packages() {
