@@ -53,6 +53,11 @@ pub struct MemberConfig {
     pub log: PathBuf,
 }
 
+/// In a member's `share/<id>/` (and at the same place in the guest): its rootfs bind mount
+/// and its name files.
+const ROOTFS_DIR: &str = "rootfs";
+const NAME_FILES_DIR: &str = "etc";
+
 impl MemberConfig {
     /// `share/<id>`: everything of this member in the sandbox's share.
     pub fn share_subdir(&self) -> PathBuf {
@@ -61,7 +66,7 @@ impl MemberConfig {
 
     /// `share/<id>/rootfs`: the bind mount of the member's rootfs.
     pub fn rootfs_mount(&self) -> PathBuf {
-        self.share_subdir().join("rootfs")
+        self.share_subdir().join(ROOTFS_DIR)
     }
 
     pub fn write(&self, entry_dir: &Path) -> Result<(), DaemonError> {
@@ -99,8 +104,8 @@ impl MemberConfig {
 /// What one member put in a sandbox's share: `share/<member>/`, its `rootfs` bind (with
 /// the host mounts under it) and its name files.
 fn remove_member_subdir(subdir: &Path) -> Result<(), share::ShareError> {
-    crate::net::guest::remove_name_files(&subdir.join("etc"));
-    share::remove(subdir, &subdir.join("rootfs"))
+    crate::net::guest::remove_name_files(&subdir.join(NAME_FILES_DIR));
+    share::remove(subdir, &subdir.join(ROOTFS_DIR))
 }
 
 /// Takes down the shares pod members still have in the sandbox `sandbox_id`'s share
@@ -179,8 +184,8 @@ fn start(config: &MemberConfig) -> Result<(relay::Relays, AgentClient), DaemonEr
     )?;
     crate::net::guest::copy_name_files(
         &mut spec,
-        &config.share_subdir().join("etc"),
-        &in_guest.join("etc"),
+        &config.share_subdir().join(NAME_FILES_DIR),
+        &in_guest.join(NAME_FILES_DIR),
     )?;
     let console = console_socket
         .map(|s| relay::open_console(&s))
@@ -194,7 +199,7 @@ fn start(config: &MemberConfig) -> Result<(relay::Relays, AgentClient), DaemonEr
             a.create_pod_member(
                 &config.id,
                 spec,
-                in_guest.join("rootfs"),
+                in_guest.join(ROOTFS_DIR),
                 stdio,
                 Some(&config.sandbox_id),
             )

@@ -55,10 +55,10 @@ fn interrupt_entry(kind: u8, int_type: u8, src_irq: u8, dst_id: u8, dst_pin: u8)
     [kind, int_type, 0, 0, 0, src_irq, dst_id, dst_pin]
 }
 
-/// The whole table (floating pointer first) as it must appear at [`EBDA_START`].
-/// Builds the table for `num_cpus` vCPUs. Pins above the ISA range get an entry only when a
-/// device is wired to them (`device_irqs`): the guest kernel maps, and gives a sysfs and a
-/// procfs directory to, every routed pin, ~30000 emulated instructions each.
+/// The whole table for `num_cpus` vCPUs (floating pointer first) as it must appear at
+/// [`EBDA_START`]. Pins above the ISA range get an entry only when a device is wired to them
+/// (`device_irqs`): the guest kernel maps, and gives a sysfs and a procfs directory to,
+/// every routed pin, ~30000 emulated instructions each.
 pub fn build(num_cpus: u8, device_irqs: &[u32]) -> Result<Vec<u8>, MptableError> {
     if num_cpus == 0 || num_cpus > MAX_VCPUS {
         return Err(MptableError::TooManyCpus(num_cpus));
