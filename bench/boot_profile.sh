@@ -14,6 +14,7 @@
 #   HUSK_KERNEL  default target/husk/vmlinux; its System.map must sit next to the file the
 #                link points at (the kernel cache keeps both)
 #   HUSK_INITRD  default target/husk/guest-root.img
+#   CONSOLE_ARGS default "loglevel=6", as bench/boot_vs_qemu.sh (CONSOLE_ARGS= for the whole log)
 #   EXTRA        kernel arguments to add; TOP rows per table (default 30)
 # The trace slows the guest about twofold: compare times within one profile only.
 set -euo pipefail
@@ -25,13 +26,11 @@ mkdir -p "$out"
 until_line=${UNTIL:-Run /init as init process}
 kernel=${HUSK_KERNEL:-$repo/target/husk/vmlinux}
 initrd=${HUSK_INITRD:-$repo/target/husk/guest-root.img}
-bin=${HUSK_BIN:-}
-if [ -z "$bin" ]; then
-    for candidate in "$repo/target/release/husk" "$repo/target/debug/husk"; do
-        if [ -x "$candidate" ]; then bin=$candidate; break; fi
-    done
-fi
-[ -n "$bin" ] && [ -x "$bin" ] || die "no husk binary: run cargo build --release -p husk"
+user_bin=${HUSK_BIN:-}
+# shellcheck source=bench/lib.sh
+source "$repo/bench/lib.sh"
+bin=$(vm_bench_husk_bin "$user_bin")
+[ -n "$bin" ] && [ -x "$bin" ] || die "no runnable husk binary${bin:+ at $bin}: run cargo build --release -p husk, or set HUSK_BIN"
 [ -f "$kernel" ] || die "no guest kernel at $kernel: run scripts/setup.sh"
 [ -f "$initrd" ] || die "no guest image at $initrd: run scripts/setup.sh"
 system_map="$(dirname "$(readlink -f "$kernel")")/System.map"
@@ -44,9 +43,9 @@ command -v python3 >/dev/null || die "python3 missing: apt-get install python3"
 log=$out/console.log
 : >"$log"
 echo "boot_profile: recording one boot until \"$until_line\" into $out ..." >&2
-flock /tmp/husk-vm.lock perf record -q -e kvm:kvm_emulate_insn -o "$out/perf.data" -- \
+flock "$HUSK_VM_LOCK" perf record -q -e kvm:kvm_emulate_insn -o "$out/perf.data" -- \
     "$bin" vmm boot --kernel "$kernel" --initrd "$initrd" --vcpus 1 --mem-mib 128 \
-    --timeout 300 --cmdline-extra "${EXTRA:-}" </dev/null >"$log" 2>&1 &
+    --timeout 300 --cmdline-extra "${CONSOLE_ARGS-loglevel=6} ${EXTRA:-}" </dev/null >"$log" 2>&1 &
 pid=$!
 for _ in $(seq 1 3000); do
     grep -qF "$until_line" "$log" && break

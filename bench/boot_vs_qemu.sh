@@ -16,7 +16,12 @@
 # virtio-mmio device on the kernel command line, as husk does: the guest kernel has no
 # ACPI) with `root=/dev/vda ro rootfstype=ext4 init=/init` on the command line.
 #   VCPUS (1), MEM_MIB (128), CPU_TEMPLATE (husk's --cpu-template, default: husk's default)
-#   EXTRA                    kernel arguments added for both VMMs (e.g. "quiet")
+#   CONSOLE_ARGS             console verbosity for both VMMs, default "loglevel=6": info lines
+#                            off, as in a sandbox (whose guests boot `quiet`), while the
+#                            notice-level lines stay, among them "Run /init as init process"
+#                            (guest kernel patch 0014). CONSOLE_ARGS= prints the whole log
+#                            (what `husk vmm boot` shows by default).
+#   EXTRA                    more kernel arguments for both VMMs
 #   TIMEOUT_S (300)          per boot
 #   INSNS=1                  also count the guest instructions the host's KVM emulated up to
 #                            `Run /init` (`perf stat -e kvm:kvm_emulate_insn`, needs perf
@@ -35,7 +40,7 @@
 # cross-check. The only command-line difference: husk's `vmm boot` adds the agent's
 # power-off-after-ready flag (an argument for /init, not for the kernel).
 #
-# Every boot holds /tmp/husk-vm.lock (one real guest at a time on this machine).
+# Every boot holds $HUSK_VM_LOCK (default /tmp/husk-vm.lock): one real guest at a time here.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,7 +48,7 @@ runs=${1:-3}
 vcpus=${VCPUS:-1}
 mem=${MEM_MIB:-128}
 timeout_s=${TIMEOUT_S:-300}
-extra=${EXTRA:-}
+extra="${CONSOLE_ARGS-loglevel=6} ${EXTRA:-}"
 insns=${INSNS:-0}
 kernel=${HUSK_KERNEL:-$repo/target/husk/vmlinux}
 if [ -n "${HUSK_INITRD:-}" ]; then
@@ -53,14 +58,12 @@ elif [ "${IMAGE:-disk}" = disk ] && [ -f "$repo/target/husk/guest-root.img" ]; t
 else
     initrd=$repo/target/husk/initramfs.cpio
 fi
-bin=${HUSK_BIN:-}
-if [ -z "$bin" ]; then
-    for candidate in "$repo/target/release/husk" "$repo/target/debug/husk"; do
-        if [ -x "$candidate" ]; then bin=$candidate; break; fi
-    done
-fi
+user_bin=${HUSK_BIN:-}
+# shellcheck source=bench/lib.sh
+source "$repo/bench/lib.sh"
+bin=$(vm_bench_husk_bin "$user_bin")
 die() { echo "boot_vs_qemu: $*" >&2; exit 1; }
-[ -n "$bin" ] && [ -x "$bin" ] || die "no husk binary: run cargo build -p husk"
+[ -n "$bin" ] && [ -x "$bin" ] || die "no runnable husk binary${bin:+ at $bin}: run cargo build --release -p husk, or set HUSK_BIN"
 [ -f "$kernel" ] || die "no guest kernel at $kernel: run scripts/setup.sh"
 [ -f "$initrd" ] || die "no guest image at $initrd: run scripts/setup.sh"
 # An ext2/3/4 superblock magic (0xef53 at byte 1080) marks a root disk image.
@@ -160,7 +163,7 @@ printf '%-5s %-4s %10s %10s %14s\n' vmm run run_init_s ready_s husk_port_ms
 for run in $(seq 1 "$runs"); do
     for vmm in husk qemu; do
         log=$work/$vmm.$run.log
-        flock /tmp/husk-vm.lock bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra cmdline qemu_image insns); boot_once $vmm $log"
+        flock "$HUSK_VM_LOCK" bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra cmdline qemu_image insns); boot_once $vmm $log"
         init=$(seen_at "$log" 'Run /init as init process')
         ready=$(seen_at "$log" 'husk-agent: ready')
         port=$(sed -n 's/.*boot: ready after \([0-9]*\) ms.*/\1/p' "$log" | tail -1)
@@ -173,7 +176,7 @@ for run in $(seq 1 "$runs"); do
             echo "${n:--}" >>"$work/$vmm.insns"
         fi
         if [ "$run" = 1 ]; then
-            echo "      $vmm command line: $(grep -m1 -o 'Command line: .*' "$log" || echo '?')"
+            echo "      $vmm command line: $(grep -m1 -o 'ommand line: .*' "$log" || echo '?')"
         fi
         if [ "$ready" = - ] && [ "$insns" != 1 ]; then
             echo "      $vmm gave no ready line; last console lines:"

@@ -8,23 +8,21 @@
 # Usage: bench/kernel_args_ab.sh [RUNS] [ARGS]     (defaults: 3, "quiet")
 # Environment: HUSK_BIN (default target/release/husk, else target/debug/husk),
 #   HUSK_KERNEL / HUSK_INITRD (default: what husk finds in target/husk/, the root disk first).
-# Every boot holds /tmp/husk-vm.lock (one real guest at a time on this machine).
+# Every boot holds $HUSK_VM_LOCK (default /tmp/husk-vm.lock): one real guest at a time here.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 runs=${1:-3}
 args=${2:-quiet}
-bin=${HUSK_BIN:-}
-if [ -z "$bin" ]; then
-    for candidate in "$repo/target/release/husk" "$repo/target/debug/husk"; do
-        if [ -x "$candidate" ]; then bin=$candidate; break; fi
-    done
-fi
-[ -n "$bin" ] && [ -x "$bin" ] || { echo "kernel_args_ab: no husk binary: run cargo build -p husk" >&2; exit 1; }
+user_bin=${HUSK_BIN:-}
+# shellcheck source=bench/lib.sh
+source "$repo/bench/lib.sh"
+bin=$(vm_bench_husk_bin "$user_bin")
+[ -n "$bin" ] && [ -x "$bin" ] || { echo "kernel_args_ab: no runnable husk binary${bin:+ at $bin}: run cargo build --release -p husk, or set HUSK_BIN" >&2; exit 1; }
 
 # One boot under the lock; prints the ms to agent ready, or "-".
 boot_ms() {
-    flock /tmp/husk-vm.lock "$bin" vmm boot --until-ready --cmdline-extra "$1" </dev/null 2>&1 |
+    flock "$HUSK_VM_LOCK" "$bin" vmm boot --until-ready --cmdline-extra "$1" </dev/null 2>&1 |
         sed -n 's/.*boot: ready after \([0-9]*\) ms.*/\1/p' | tail -1 | grep . || echo -
 }
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }

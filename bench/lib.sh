@@ -16,6 +16,18 @@ BENCH_REPO=$(cd "$BENCH_DIR/.." && pwd)
 
 bench_log() { echo "[bench $(date +%T)] $*" >&2; }
 
+# The husk binary of the guest-boot benchmarks (boot_vs_qemu, kernel_args_ab,
+# boot_profile): $1 if given (the caller's HUSK_BIN from before sourcing this file, which
+# defaults HUSK_BIN to the debug build; the caller checks that it runs), else the release
+# build, else the debug build; prints nothing when there is none.
+vm_bench_husk_bin() {
+    local candidate
+    if [ -n "$1" ]; then echo "$1"; return; fi
+    for candidate in "$BENCH_REPO/target/release/husk" "$BENCH_REPO/target/debug/husk"; do
+        if [ -x "$candidate" ]; then echo "$candidate"; return; fi
+    done
+}
+
 # Wall clock in microseconds (bash 5 builtin: no fork, so it adds nothing to what it times).
 now_us() {
     local t=${EPOCHREALTIME/./}

@@ -20,6 +20,13 @@ check "0 - - -" "$(stats)" "no values"
 check 7 "$(median 7)" "median of one value"
 check 20.5 "$(median 30 11 20.5 20.5)" "median helper"
 check 1.5 "$(ms_between 1000000 1001500)" "ms_between"
+for script in "$dir"/*.sh; do bash -n "$script" || { echo "bench selftest: $script does not parse" >&2; fail=1; }; done
+own_bin=$(mktemp)
+chmod +x "$own_bin"
+check "$own_bin" "$(vm_bench_husk_bin "$own_bin")" "vm_bench_husk_bin: the caller's HUSK_BIN first"
+check "" "$(BENCH_REPO=/nonexistent vm_bench_husk_bin "")" "vm_bench_husk_bin: no build, no binary"
+check /nonexistent/husk "$(vm_bench_husk_bin /nonexistent/husk)" "vm_bench_husk_bin: a given HUSK_BIN is kept (the script names it when it does not run)"
+rm -f "$own_bin"
 "$dir/run.sh" --help | grep -q -- '--quick' || { echo "bench selftest: run.sh --help does not describe --quick" >&2; fail=1; }
 if "$dir/run.sh" --no-such-flag >/dev/null 2>&1; then echo "bench selftest: run.sh accepted an unknown flag" >&2; fail=1; fi
 results=$(mktemp) md=$(mktemp)
