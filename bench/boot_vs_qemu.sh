@@ -176,7 +176,7 @@ for run in $(seq 1 "$runs"); do
             echo "${n:--}" >>"$work/$vmm.insns"
         fi
         if [ "$run" = 1 ]; then
-            echo "      $vmm command line: $(grep -m1 -o 'ommand line: .*' "$log" || echo '?')"
+            echo "      $vmm command line: $(grep -m1 -o '[Cc]ommand line: .*' "$log" || echo '?')"
         fi
         if [ "$ready" = - ] && [ "$insns" != 1 ]; then
             echo "      $vmm gave no ready line; last console lines:"
