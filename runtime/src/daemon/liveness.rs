@@ -77,10 +77,21 @@ mod tests {
         };
         assert!(!reused.alive());
         let mut child = std::process::Command::new("true").spawn().unwrap();
-        let id = ProcessId::of(child.id() as i32);
-        // Exited but not reaped yet (or already gone): a zombie is not alive.
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        assert!(id.is_none_or(|id| !id.alive()));
+        let pid = child.id() as i32;
+        let id = ProcessId::of(pid).expect("an unreaped child has a /proc entry");
+        // Exited but not reaped: a zombie. How soon `true` gets there depends on the
+        // machine's load (a fixed 200 ms wait failed once in a CI run), so wait for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !matches!(stat(pid), Some(('Z', _))) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child {pid} did not exit: {:?}",
+                stat(pid)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!id.alive(), "a zombie is not alive");
         child.wait().unwrap();
+        assert!(!id.alive(), "a reaped process is not alive");
     }
 }
