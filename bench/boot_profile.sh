@@ -16,6 +16,9 @@
 #   HUSK_INITRD  default target/husk/guest-root.img
 #   CONSOLE_ARGS default "loglevel=6", as bench/boot_vs_qemu.sh (CONSOLE_ARGS= for the whole log)
 #   EXTRA        kernel arguments to add; TOP rows per table (default 30)
+#   VMM          husk (default) or qemu: the peer of bench/boot_vs_qemu.sh booting the same
+#                kernel, image and command line, so that the two traces can be compared
+#                function by function (bench/boot_calls.py TRACE MAP --diff QEMU_TRACE)
 # The trace slows the guest about twofold: compare times within one profile only.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,10 +45,19 @@ command -v python3 >/dev/null || die "python3 missing: apt-get install python3"
 
 log=$out/console.log
 : >"$log"
-echo "boot_profile: recording one boot until \"$until_line\" into $out ..." >&2
+vmm=${VMM:-husk}
+echo "boot_profile: recording one $vmm boot until \"$until_line\" into $out ..." >&2
+extra="${CONSOLE_ARGS-loglevel=6} ${EXTRA:-}"
+case $vmm in
+husk) vmm_argv=("$bin" vmm boot --kernel "$kernel" --initrd "$initrd" --vcpus 1 --mem-mib 128
+        --timeout 300 --cmdline-extra "$extra") ;;
+qemu) command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing: apt-get install qemu-system-x86"
+    vm_bench_qemu_argv "$kernel" "$initrd" 1 128 "$(vm_bench_cmdline "$(vm_bench_image_kind "$initrd")" "$extra")"
+    vmm_argv=("${QEMU_ARGV[@]}") ;;
+*) die "VMM=$vmm: use husk or qemu" ;;
+esac
 flock "$HUSK_VM_LOCK" perf record -q -e kvm:kvm_emulate_insn -o "$out/perf.data" -- \
-    "$bin" vmm boot --kernel "$kernel" --initrd "$initrd" --vcpus 1 --mem-mib 128 \
-    --timeout 300 --cmdline-extra "${CONSOLE_ARGS-loglevel=6} ${EXTRA:-}" </dev/null >"$log" 2>&1 &
+    "${vmm_argv[@]}" </dev/null >"$log" 2>&1 &
 pid=$!
 for _ in $(seq 1 3000); do
     grep -qF "$until_line" "$log" && break

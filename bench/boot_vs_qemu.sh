@@ -66,16 +66,7 @@ die() { echo "boot_vs_qemu: $*" >&2; exit 1; }
 [ -n "$bin" ] && [ -x "$bin" ] || die "no runnable husk binary${bin:+ at $bin}: run cargo build --release -p husk, or set HUSK_BIN"
 [ -f "$kernel" ] || die "no guest kernel at $kernel: run scripts/setup.sh"
 [ -f "$initrd" ] || die "no guest image at $initrd: run scripts/setup.sh"
-# An ext2/3/4 superblock magic (0xef53 at byte 1080) marks a root disk image.
-if [ "$(od -An -tx1 -j1080 -N2 "$initrd" | tr -d ' \n')" = 53ef ]; then
-    image_kind=disk
-    qemu_image=(-M microvm,x-option-roms=off,rtc=off,acpi=off
-        -drive "id=root,file=$initrd,format=raw,if=none,readonly=on"
-        -device virtio-blk-device,drive=root)
-else
-    image_kind=initramfs
-    qemu_image=(-M microvm,x-option-roms=off,rtc=off -initrd "$initrd")
-fi
+image_kind=$(vm_bench_image_kind "$initrd")
 
 # Setup: QEMU from Debian's package (the peer VMM of shared/substrate.md).
 if ! command -v qemu-system-x86_64 >/dev/null; then
@@ -84,14 +75,9 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null
 fi
 
-# The command line husk gives a guest (runtime/src/vmm/boot/cmdline.rs), for QEMU too.
-cmdline="$(cat "$repo/guest-kernel-config/cmdline.base")"
-if [ -d /sys/module/kvm_pvm ]; then
-    cmdline="$cmdline $(cat "$repo/guest-kernel-config/cmdline.pvm")"
-fi
-# husk adds this itself for a root disk (runtime/src/vmm/boot/mod.rs, ROOT_DISK_CMDLINE).
-[ "$image_kind" = disk ] && cmdline="$cmdline root=/dev/vda ro rootfstype=ext4 init=/init"
-cmdline="$cmdline $extra"
+# The command line husk gives a guest, for QEMU too (bench/lib.sh).
+cmdline=$(vm_bench_cmdline "$image_kind" "$extra")
+vm_bench_qemu_argv "$kernel" "$initrd" "$vcpus" "$mem" "$cmdline"
 template_arg=()
 [ -n "${CPU_TEMPLATE:-}" ] && template_arg=(--cpu-template "$CPU_TEMPLATE")
 
@@ -123,9 +109,7 @@ boot_once() {
             --mem-mib "$mem" "${template_arg[@]}" --timeout "$timeout_s" \
             --cmdline-extra "$extra" </dev/null > >(stamp >>"$log") 2>&1 &
     else
-        "${count[@]}" qemu-system-x86_64 "${qemu_image[@]}" -enable-kvm \
-            -cpu qemu64,+x2apic,+xsaveerptr -m "$mem" -smp "$vcpus" -nographic -no-reboot \
-            -kernel "$kernel" -append "$cmdline" \
+        "${count[@]}" "${QEMU_ARGV[@]}" \
             </dev/null > >(stamp >>"$log") 2>&1 &
     fi
     local pid=$!
@@ -151,8 +135,6 @@ boot_once() {
     sleep 0.2 # let the stamper drain
 }
 
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-
 echo "boot_vs_qemu: $runs boots each, alternating; ${vcpus} vCPU, ${mem} MiB"
 echo "  kernel $kernel"
 echo "  image  $initrd ($image_kind, $(stat -c %s "$initrd") bytes)"
@@ -163,7 +145,7 @@ printf '%-5s %-4s %10s %10s %14s\n' vmm run run_init_s ready_s husk_port_ms
 for run in $(seq 1 "$runs"); do
     for vmm in husk qemu; do
         log=$work/$vmm.$run.log
-        flock "$HUSK_VM_LOCK" bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra cmdline qemu_image insns); boot_once $vmm $log"
+        flock "$HUSK_VM_LOCK" bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra cmdline QEMU_ARGV insns); boot_once $vmm $log"
         init=$(seen_at "$log" 'Run /init as init process')
         ready=$(seen_at "$log" 'husk-agent: ready')
         port=$(sed -n 's/.*boot: ready after \([0-9]*\) ms.*/\1/p' "$log" | tail -1)
@@ -190,8 +172,8 @@ printf '%-22s %10s %10s %12s\n' median husk_s qemu_s husk/qemu
 whats="init ready"
 [ "$insns" = 1 ] && whats="init insns"
 for what in $whats; do
-    h=$({ grep -v '^-$' "$work/husk.$what" || true; } | median)
-    q=$({ grep -v '^-$' "$work/qemu.$what" || true; } | median)
+    h=$({ grep -v '^-$' "$work/husk.$what" || true; } | median_lines 3)
+    q=$({ grep -v '^-$' "$work/qemu.$what" || true; } | median_lines 3)
     ratio=$(awk -v h="$h" -v q="$q" 'BEGIN { if (h == "-" || q == "-" || q == 0) print "-"; else printf "%.2f", h / q }')
     case $what in
     init) label="Run /init" ;;

@@ -25,7 +25,6 @@ boot_ms() {
     flock "$HUSK_VM_LOCK" "$bin" vmm boot --until-ready --cmdline-extra "$1" </dev/null 2>&1 |
         sed -n 's/.*boot: ready after \([0-9]*\) ms.*/\1/p' | tail -1 | grep . || echo -
 }
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 echo "kernel_args_ab: $runs boots each, alternating; B adds: $args; husk $bin"
 a=() b=()
@@ -33,5 +32,5 @@ for run in $(seq 1 "$runs"); do
     ms=$(boot_ms ""); a+=("$ms"); echo "A (without)  run $run: ready after $ms ms"
     ms=$(boot_ms "$args"); b+=("$ms"); echo "B (with)     run $run: ready after $ms ms"
 done
-echo "median A (without): $(printf '%s\n' "${a[@]}" | grep -v '^-$' | median) ms"
-echo "median B (with $args): $(printf '%s\n' "${b[@]}" | grep -v '^-$' | median) ms"
+echo "median A (without): $(printf '%s\n' "${a[@]}" | grep -v '^-$' | median_lines 1) ms"
+echo "median B (with $args): $(printf '%s\n' "${b[@]}" | grep -v '^-$' | median_lines 1) ms"

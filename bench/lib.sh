@@ -52,6 +52,54 @@ stats() {
 
 median() { local s; s=$(stats "$@"); s=${s#* }; echo "${s%% *}"; }
 
+# median_lines [DECIMALS]: the median of the numbers on stdin, one per line, "-" for
+# none: the middle value as written for an odd count, the mean of the two middle values
+# with DECIMALS decimals (default 3) for an even count (the boot benchmarks print seconds
+# to the millisecond and ms to a tenth).
+median_lines() {
+    sort -g | awk -v d="${1:-3}" '{ v[NR] = $1 }
+        END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]
+              else printf "%." d "f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# The guest side of the VM boot benchmarks (boot_vs_qemu, boot_profile), for both VMMs.
+# vm_bench_image_kind IMAGE: "disk" for an ext2/3/4 image (superblock magic 0xef53 at byte
+# 1080), else "initramfs".
+vm_bench_image_kind() {
+    if [ "$(od -An -tx1 -j1080 -N2 "$1" | tr -d ' \n')" = 53ef ]; then echo disk; else echo initramfs; fi
+}
+
+# vm_bench_cmdline IMAGE_KIND EXTRA: the kernel command line husk gives a guest
+# (runtime/src/vmm/boot/cmdline.rs: the base, the PVM part on PVM hosts, the root disk's
+# arguments as runtime/src/vmm/boot/mod.rs adds them), then EXTRA; for QEMU too.
+vm_bench_cmdline() {
+    local cmdline
+    cmdline="$(cat "$BENCH_REPO/guest-kernel-config/cmdline.base")"
+    if [ -d /sys/module/kvm_pvm ]; then
+        cmdline="$cmdline $(cat "$BENCH_REPO/guest-kernel-config/cmdline.pvm")"
+    fi
+    [ "$1" = disk ] && cmdline="$cmdline root=/dev/vda ro rootfstype=ext4 init=/init"
+    echo "$cmdline $2"
+}
+
+# vm_bench_qemu_argv KERNEL IMAGE VCPUS MEM_MIB CMDLINE: sets the array QEMU_ARGV to the
+# peer VMM of shared/substrate.md (QEMU microvm from Debian's package, its CPU model for
+# this machine) booting KERNEL with IMAGE. A root disk goes in as a read-only virtio-blk
+# device, with `acpi=off` so that QEMU puts the virtio-mmio device on the kernel command
+# line as husk does (the guest kernel has no ACPI); anything else as the initramfs.
+vm_bench_qemu_argv() {
+    local kernel=$1 image=$2 vcpus=$3 mem=$4 cmdline=$5
+    if [ "$(vm_bench_image_kind "$image")" = disk ]; then
+        QEMU_ARGV=(qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,acpi=off
+            -drive "id=root,file=$image,format=raw,if=none,readonly=on"
+            -device virtio-blk-device,drive=root)
+    else
+        QEMU_ARGV=(qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off -initrd "$image")
+    fi
+    QEMU_ARGV+=(-enable-kvm -cpu qemu64,+x2apic,+xsaveerptr -m "$mem" -smp "$vcpus"
+        -nographic -no-reboot -kernel "$kernel" -append "$cmdline")
+}
+
 # record KEY LABEL RUNTIME UNIT VALUES...: appends a measured row, and prints it.
 record() {
     local key=$1 label=$2 runtime=$3 unit=$4 n med min max
