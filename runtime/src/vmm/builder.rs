@@ -256,6 +256,12 @@ impl VmBuilder {
                 );
                 let initramfs = self.guest_root.initramfs();
                 let device_irqs: Vec<u32> = self.mmio_slots.iter().map(|s| s.irq).collect();
+                let platform = cpuid::guest_platform(
+                    &cpuid::supported_cpuid(&self.kvm)?,
+                    self.vcpus,
+                    self.cpu_template,
+                    self.host_mode,
+                )?;
                 boot::load_linux(
                     &self.mem,
                     kernel,
@@ -263,6 +269,7 @@ impl VmBuilder {
                     &line,
                     self.vcpus,
                     &device_irqs,
+                    !platform.no_legacy_pic,
                 )?
             }
             BootSource::Raw {
@@ -288,8 +295,13 @@ impl VmBuilder {
                         },
                     }
                 })?;
-                let vcpu_cpuid =
-                    cpuid::vcpu_cpuid(&supported_cpuid, index, self.vcpus, self.cpu_template)?;
+                let vcpu_cpuid = cpuid::vcpu_cpuid(
+                    &supported_cpuid,
+                    index,
+                    self.vcpus,
+                    self.cpu_template,
+                    self.host_mode,
+                )?;
                 fd.set_cpuid2(&vcpu_cpuid)
                     .map_err(|source| cpuid::CpuidError::Set { index, source })?;
                 msrs::setup_msrs(&fd, &supported_msrs)?;

@@ -5,7 +5,8 @@
 use std::ffi::CStr;
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -87,6 +88,7 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
         .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
     vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+    mask_legacy_pics(&vm)?;
     // The speaker port (0x61) is answered by KVM with a dummy, so calibration reads of
     // it do not exit to us.
     let pit = kvm_pit_config {
@@ -95,6 +97,28 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
     };
     vm.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
     Ok(vm)
+}
+
+/// Masks every input of both 8259 PICs, as firmware hands them over. KVM resets them
+/// unmasked and unprogrammed (vector base 0), and the boot vCPU's LINT0 takes their
+/// output (virtual wire, [`super::boot::regs`]): a guest that never sets the PIC up
+/// because the husk platform leaves say it has none ([`super::boot::platform`]) would
+/// otherwise take a device's ISA interrupt as vector 0..15, a CPU exception. A guest
+/// that uses the PIC programs its masks itself.
+fn mask_legacy_pics(vm: &VmFd) -> Result<(), KvmError> {
+    for chip_id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE] {
+        let mut chip = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip)
+            .map_err(ioctl("KVM_GET_IRQCHIP"))?;
+        // For the PIC chip ids KVM_GET_IRQCHIP fills, and KVM_SET_IRQCHIP reads, the
+        // `pic` member of the union.
+        chip.chip.pic.imr = 0xff;
+        vm.set_irqchip(&chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
 }
 
 /// Tells KVM about each guest RAM region, one memory slot each.

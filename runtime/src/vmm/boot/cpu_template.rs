@@ -10,7 +10,7 @@
 //!   that cost emulated instructions on PVM (shared/substrate.md) and that a sandbox does
 //!   not need: no XSAVE/AVX state, no PCID/INVPCID, no SMAP/SMEP, no POPCNT, no
 //!   speculation-control MSRs, no MONITOR/MWAIT, no PMU, no async page faults or steal
-//!   time. Bits are only ever cleared relative to `host`, so `host-min` never offers a
+//!   time. It keeps TSC-deadline and ARAT, with which the guest needs no PIT. Bits are only ever cleared relative to `host`, so `host-min` never offers a
 //!   feature KVM cannot virtualise.
 //!
 //! Both templates leave the MSRs set at boot alike ([`super::msrs`]): the boot MSRs are
@@ -149,6 +149,9 @@ pub const HOST_MIN_EXT8_EBX: u32 = 1 << 2;
 /// Leaf 0x8000_0007 EDX: invariant TSC only (no power-management features).
 pub const HOST_MIN_EXT7_EDX: u32 = 1 << 8;
 
+/// Leaf 6 EAX: ARAT (always running APIC timer) only.
+pub const HOST_MIN_LEAF6_EAX: u32 = 1 << 2;
+
 /// Leaf 0x4000_0001 EAX (KVM paravirt features): kvm-clock (both MSR sets), no port 0x80
 /// delays (each is a trapped `out`), PV EOI (an EOI without a trap), and the stable
 /// kvm-clock bit. Not async page faults, steal time, PV unhalt/TLB flush/IPIs/yield or
@@ -163,8 +166,10 @@ pub fn host_min_mask(function: u32, index: u32) -> Option<RegisterMask> {
     match (function, index) {
         // EAX: signature; EBX: APIC id and counts (set per vCPU).
         (0x1, _) => mask(KEEP, KEEP, HOST_MIN_LEAF1_ECX, HOST_MIN_LEAF1_EDX),
-        // Thermal and power management.
-        (0x6, _) => mask(HIDE, HIDE, HIDE, HIDE),
+        // Thermal and power management: only ARAT, the local APIC timer runs in every
+        // C-state (KVM's always does). Without it Linux also sets up the PIT at boot,
+        // ticks on it, and needs ISA interrupt 0 (super::platform).
+        (0x6, _) => mask(HOST_MIN_LEAF6_EAX, HIDE, HIDE, HIDE),
         // Structured extended features: subleaf 0 keeps only its max-subleaf count; none
         // of FSGSBASE, SMEP, SMAP, ERMS, INVPCID, CLFLUSHOPT, CLWB, UMIP, PKU,
         // ARCH_CAPABILITIES, speculation controls.

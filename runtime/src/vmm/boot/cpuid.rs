@@ -14,6 +14,8 @@ use kvm_bindings::{
 use kvm_ioctls::Kvm;
 
 use super::cpu_template::CpuTemplate;
+use super::platform::GuestPlatform;
+use crate::host::HostMode;
 
 /// Errors building the guest CPUID.
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
@@ -151,18 +153,35 @@ fn ensure_ext_topology_subleaves(cpuid: &mut CpuId) -> Result<(), CpuidError> {
     Ok(())
 }
 
-/// The CPUID for vCPU `index` of `count` under `template`.
+/// The CPUID for vCPU `index` of `count` under `template` on a host of `mode`, with the
+/// husk platform leaves ([`super::platform`]).
 pub fn vcpu_cpuid(
     supported: &CpuId,
     index: u8,
     count: u8,
     template: CpuTemplate,
+    mode: HostMode,
 ) -> Result<CpuId, CpuidError> {
     let mut cpuid = supported.clone();
     ensure_ext_topology_subleaves(&mut cpuid)?;
     normalize_for_vcpu(cpuid.as_mut_slice(), index, count);
     template.apply(cpuid.as_mut_slice());
+    for leaf in GuestPlatform::new(cpuid.as_slice(), mode).leaves() {
+        cpuid.push(leaf).map_err(CpuidError::Full)?;
+    }
     Ok(cpuid)
+}
+
+/// The husk platform a guest of `count` vCPUs under `template` sees (the same on every
+/// vCPU).
+pub fn guest_platform(
+    supported: &CpuId,
+    count: u8,
+    template: CpuTemplate,
+    mode: HostMode,
+) -> Result<GuestPlatform, CpuidError> {
+    let cpuid = vcpu_cpuid(supported, 0, count, template, mode)?;
+    Ok(GuestPlatform::new(cpuid.as_slice(), mode))
 }
 
 #[cfg(test)]
@@ -271,7 +290,7 @@ mod tests {
             entry(LEAF_CACHE_PARAMS, 0, 0, 0, 0, 0),
         ];
         let supported = CpuId::from_entries(&only_smt).unwrap();
-        let cpuid = vcpu_cpuid(&supported, 1, 2, CpuTemplate::Host).unwrap();
+        let cpuid = vcpu_cpuid(&supported, 1, 2, CpuTemplate::Host, HostMode::Hardware).unwrap();
         let e = cpuid.as_slice();
         let core = find(e, LEAF_EXT_TOPOLOGY, 1);
         assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (1, 2, 0x201, 1));

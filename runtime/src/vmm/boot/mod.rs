@@ -6,6 +6,7 @@ pub mod cpuid;
 pub mod loader;
 pub mod mptable;
 pub mod msrs;
+pub mod platform;
 pub mod regs;
 
 use std::path::{Path, PathBuf};
@@ -100,7 +101,7 @@ pub struct BootEntry {
 }
 
 /// Loads a Linux kernel, its initramfs, the command line, boot_params and the MP table
-/// (routing the devices' `device_irqs`).
+/// (routing the devices' `device_irqs`, and the ISA interrupts for a `legacy_pic`).
 pub fn load_linux(
     mem: &GuestMemoryMmap,
     kernel: &Path,
@@ -108,13 +109,14 @@ pub fn load_linux(
     cmdline: &Cmdline,
     vcpus: u8,
     device_irqs: &[u32],
+    legacy_pic: bool,
 ) -> Result<BootEntry, BootError> {
     let (entry, kernel_end) = loader::load_kernel(mem, kernel)?;
     let initrd = initrd
         .map(|path| loader::load_initrd(mem, path, kernel_end))
         .transpose()?;
     loader::write_boot_params(mem, cmdline, initrd)?;
-    mptable::write(mem, vcpus, device_irqs)?;
+    mptable::write(mem, vcpus, device_irqs, legacy_pic)?;
     regs::write_long_mode_tables(mem)?;
     Ok(BootEntry {
         entry,
@@ -152,7 +154,7 @@ pub fn load_raw(
     }
     mem.write_slice(code, GuestAddress(load_addr))
         .map_err(|_| bad)?;
-    mptable::write(mem, vcpus, &[])?;
+    mptable::write(mem, vcpus, &[], true)?;
     if mode == CpuMode::Long {
         regs::write_long_mode_tables(mem)?;
     }

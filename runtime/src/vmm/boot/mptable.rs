@@ -20,9 +20,12 @@ pub enum MptableError {
 
 /// IOAPIC pins, each wired to the ISA/GSI interrupt of the same number.
 pub const IOAPIC_PINS: u8 = 24;
-/// The ISA interrupts (0-15), routed whether or not a device uses them: Linux preallocates
-/// them as legacy IRQs anyway, and checks the timer on pin 0.
+/// The ISA interrupts (0-15), routed whether or not a device uses them when the guest has a
+/// legacy PIC: Linux then preallocates them as legacy IRQs anyway, and checks the timer on
+/// pin 0.
 const ISA_IRQS: u8 = 16;
+/// COM1, the serial console's interrupt (console input).
+pub const SERIAL_IRQ: u32 = 4;
 /// The table must end before 0xa0000 (1 KiB of EBDA).
 pub const MAX_VCPUS: u8 = 32;
 const TABLE_AREA: usize = 0x400;
@@ -56,10 +59,12 @@ fn interrupt_entry(kind: u8, int_type: u8, src_irq: u8, dst_id: u8, dst_pin: u8)
 }
 
 /// The whole table for `num_cpus` vCPUs (floating pointer first) as it must appear at
-/// [`EBDA_START`]. Pins above the ISA range get an entry only when a device is wired to them
-/// (`device_irqs`): the guest kernel maps, and gives a sysfs and a procfs directory to,
-/// every routed pin, ~30000 emulated instructions each.
-pub fn build(num_cpus: u8, device_irqs: &[u32]) -> Result<Vec<u8>, MptableError> {
+/// [`EBDA_START`]. With a `legacy_pic` the ISA pins are routed, and pins above them only
+/// when a device is wired to them (`device_irqs`); without one (the husk platform leaves
+/// say so, [`super::platform`]) only the serial console's pin and the devices' pins are:
+/// the guest kernel maps, and gives a sysfs and a procfs directory to, every routed pin,
+/// ~30000 emulated instructions each.
+pub fn build(num_cpus: u8, device_irqs: &[u32], legacy_pic: bool) -> Result<Vec<u8>, MptableError> {
     if num_cpus == 0 || num_cpus > MAX_VCPUS {
         return Err(MptableError::TooManyCpus(num_cpus));
     }
@@ -75,8 +80,10 @@ pub fn build(num_cpus: u8, device_irqs: &[u32]) -> Result<Vec<u8>, MptableError>
     entries.extend_from_slice(&[2, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&ioapic_addr);
     count += 2;
-    let routed =
-        (0..IOAPIC_PINS).filter(|&pin| pin < ISA_IRQS || device_irqs.contains(&u32::from(pin)));
+    let routed = (0..IOAPIC_PINS).filter(|&pin| {
+        let pin = u32::from(pin);
+        (legacy_pic && pin < u32::from(ISA_IRQS)) || pin == SERIAL_IRQ || device_irqs.contains(&pin)
+    });
     for irq in routed {
         entries.extend(interrupt_entry(3, INT_TYPE_INT, irq, ioapic_id, irq));
         count += 1;
@@ -117,8 +124,13 @@ pub fn build(num_cpus: u8, device_irqs: &[u32]) -> Result<Vec<u8>, MptableError>
 }
 
 /// Writes the MP table for `num_cpus` vCPUs and devices on `device_irqs` into guest memory.
-pub fn write(mem: &GuestMemoryMmap, num_cpus: u8, device_irqs: &[u32]) -> Result<(), MptableError> {
-    let table = build(num_cpus, device_irqs)?;
+pub fn write(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    device_irqs: &[u32],
+    legacy_pic: bool,
+) -> Result<(), MptableError> {
+    let table = build(num_cpus, device_irqs, legacy_pic)?;
     mem.write_slice(&table, GuestAddress(EBDA_START))
         .map_err(MptableError::Write)
 }
@@ -133,7 +145,7 @@ mod tests {
 
     #[test]
     fn checksums_and_pointers_are_valid() {
-        let t = build(2, &[]).unwrap();
+        let t = build(2, &[], true).unwrap();
         assert_eq!(&t[0..4], b"_MP_");
         assert_eq!(sum(&t[0..16]), 0);
         let table_addr = u32::from_le_bytes(t[4..8].try_into().unwrap()) as u64;
@@ -147,7 +159,7 @@ mod tests {
 
     #[test]
     fn lists_each_cpu_with_the_first_as_boot_processor() {
-        let t = build(3, &[]).unwrap();
+        let t = build(3, &[], true).unwrap();
         let table = &t[16..];
         assert_eq!(u16::from_le_bytes([table[34], table[35]]), 3 + 2 + 16 + 2);
         let cpus: Vec<(u8, u8)> = (0..3)
@@ -166,10 +178,10 @@ mod tests {
     #[test]
     fn refuses_more_cpus_than_fit() {
         let every_pin: Vec<u32> = (0..u32::from(IOAPIC_PINS)).collect();
-        assert!(build(MAX_VCPUS, &every_pin).unwrap().len() <= TABLE_AREA);
-        let err = build(MAX_VCPUS + 1, &[]).unwrap_err().to_string();
+        assert!(build(MAX_VCPUS, &every_pin, true).unwrap().len() <= TABLE_AREA);
+        let err = build(MAX_VCPUS + 1, &[], true).unwrap_err().to_string();
         assert!(err.contains("at most 32"), "{err}");
-        assert!(build(0, &[]).is_err());
+        assert!(build(0, &[], true).is_err());
     }
 
     /// The (source IRQ, destination pin) of each IOAPIC interrupt entry.
@@ -187,11 +199,20 @@ mod tests {
     #[test]
     fn routes_the_isa_pins_and_only_the_used_pins_above() {
         let isa: Vec<(u8, u8)> = (0..16).map(|p| (p, p)).collect();
-        assert_eq!(routed_pins(&build(1, &[]).unwrap(), 1), isa);
+        assert_eq!(routed_pins(&build(1, &[], true).unwrap(), 1), isa);
         // Devices inside the ISA range add nothing; a device on pin 19 adds pin 19 alone.
-        assert_eq!(routed_pins(&build(1, &[5, 6]).unwrap(), 1), isa);
+        assert_eq!(routed_pins(&build(1, &[5, 6], true).unwrap(), 1), isa);
         let mut with_19 = isa.clone();
         with_19.push((19, 19));
-        assert_eq!(routed_pins(&build(2, &[5, 19]).unwrap(), 2), with_19);
+        assert_eq!(routed_pins(&build(2, &[5, 19], true).unwrap(), 2), with_19);
+    }
+
+    #[test]
+    fn without_a_legacy_pic_only_the_serial_and_the_devices_pins_are_routed() {
+        assert_eq!(routed_pins(&build(1, &[], false).unwrap(), 1), [(4, 4)]);
+        assert_eq!(
+            routed_pins(&build(2, &[5, 6, 19], false).unwrap(), 2),
+            [(4, 4), (5, 5), (6, 6), (19, 19)]
+        );
     }
 }

@@ -61,7 +61,15 @@ impl VmBuilder {
         snapshot.restore_vm(&self.vm, self.mmio_slots.len())?;
         let supported = cpuid::supported_cpuid(&self.kvm)?;
         let cpuids = (0..self.vcpus)
-            .map(|index| cpuid::vcpu_cpuid(&supported, index, self.vcpus, self.cpu_template))
+            .map(|index| {
+                cpuid::vcpu_cpuid(
+                    &supported,
+                    index,
+                    self.vcpus,
+                    self.cpu_template,
+                    self.host_mode,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let fds = snapshot.create_vcpus(&self.vm, &cpuids)?;
         {
