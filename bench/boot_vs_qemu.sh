@@ -37,8 +37,12 @@
 # both rather than husk's port-0x440 boot timer (QEMU microvm has no device there; an
 # isa-debugcon on 0x440 would be observed through a different path than husk's). husk's
 # own in-VMM figure (its boot timer saw the agent's port write) is printed too, as a
-# cross-check. The only command-line difference: husk's `vmm boot` adds the agent's
-# power-off-after-ready flag (an argument for /init, not for the kernel).
+# cross-check. The command-line differences: husk's `vmm boot` adds the agent's
+# power-off-after-ready flag (an argument for /init, not for the kernel), and on PVM hosts
+# husk leaves `clearcpuid=` off for a kernel that reads its platform CPUID leaves (guest
+# kernel patch 0021, runtime/src/vmm/boot/platform.rs), which list the same features;
+# QEMU cannot set those leaves, so its guest gets the names on the command line. The
+# same leaves tell husk's guest it has no legacy PIC to set up (QEMU microvm's has one).
 #
 # Every boot holds $HUSK_VM_LOCK (default /tmp/husk-vm.lock): one real guest at a time here.
 set -euo pipefail

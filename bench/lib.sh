@@ -69,9 +69,10 @@ vm_bench_image_kind() {
     if [ "$(od -An -tx1 -j1080 -N2 "$1" | tr -d ' \n')" = 53ef ]; then echo disk; else echo initramfs; fi
 }
 
-# vm_bench_cmdline IMAGE_KIND EXTRA: the kernel command line husk gives a guest
-# (runtime/src/vmm/boot/cmdline.rs: the base, the PVM part on PVM hosts, the root disk's
-# arguments as runtime/src/vmm/boot/mod.rs adds them), then EXTRA; for QEMU too.
+# vm_bench_cmdline IMAGE_KIND EXTRA: the kernel command line a guest of husk's kernel needs
+# from a VMM without husk's platform CPUID leaves (runtime/src/vmm/boot/cmdline.rs: the
+# base, the PVM part with `clearcpuid=` on PVM hosts, the root disk's arguments as
+# runtime/src/vmm/boot/mod.rs adds them), then EXTRA: QEMU's.
 vm_bench_cmdline() {
     local cmdline
     cmdline="$(cat "$BENCH_REPO/guest-kernel-config/cmdline.base")"

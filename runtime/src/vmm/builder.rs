@@ -230,7 +230,12 @@ impl VmBuilder {
 
     /// The kernel command line this VM will boot with (Linux boot only).
     pub fn kernel_cmdline(&self) -> Result<Cmdline, BuildError> {
-        let mut line = cmdline::base_cmdline(self.host_mode).map_err(BootError::from)?;
+        let reads_leaves = match &self.boot {
+            BootSource::Linux { kernel, .. } => boot::kernel_notes::reads_husk_leaves(kernel),
+            BootSource::Raw { .. } => false,
+        };
+        let mut line =
+            cmdline::base_cmdline(self.host_mode, reads_leaves).map_err(BootError::from)?;
         for slot in &self.mmio_slots {
             line.add_virtio_mmio_device(slot.size, GuestAddress(slot.base), slot.irq, None)
                 .map_err(|e| BootError::from(cmdline::CmdlineError::Invalid(e)))?;

@@ -32,13 +32,19 @@ pub fn pvm_compat() -> &'static str {
     include_str!("../../../../guest-kernel-config/cmdline.pvm").trim()
 }
 
-/// The command line for a guest on a host of `mode`, before devices and extras.
-pub fn base_cmdline(mode: HostMode) -> Result<Cmdline, CmdlineError> {
+/// The command line for a guest on a host of `mode`, before devices and extras. A kernel
+/// that reads the husk platform leaves (`kernel_reads_leaves`, [`super::kernel_notes`])
+/// learns the PVM-hidden features from them, so `clearcpuid=` stays off its line.
+pub fn base_cmdline(mode: HostMode, kernel_reads_leaves: bool) -> Result<Cmdline, CmdlineError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(CmdlineError::Invalid)?;
     cmdline.insert_str(base()).map_err(CmdlineError::Invalid)?;
     if mode == HostMode::Pvm {
+        let compat: Vec<&str> = pvm_compat()
+            .split_whitespace()
+            .filter(|arg| !(kernel_reads_leaves && arg.starts_with("clearcpuid=")))
+            .collect();
         cmdline
-            .insert_str(pvm_compat())
+            .insert_str(compat.join(" "))
             .map_err(CmdlineError::Invalid)?;
     }
     Ok(cmdline)
@@ -66,17 +72,31 @@ mod tests {
 
     #[test]
     fn pvm_hosts_get_the_compat_options_and_others_do_not() {
-        let pvm = text(&base_cmdline(HostMode::Pvm).unwrap());
+        let pvm = text(&base_cmdline(HostMode::Pvm, false).unwrap());
         assert_eq!(pvm, format!("{} {}", base(), pvm_compat()));
         assert!(pvm.contains("console=ttyS0") && pvm.contains("reboot=k"));
         assert!(pvm.contains("noxsave") && pvm.contains("clearcpuid=smap"));
-        let hw = text(&base_cmdline(HostMode::Hardware).unwrap());
+        let hw = text(&base_cmdline(HostMode::Hardware, false).unwrap());
         assert_eq!(hw, base());
+        assert_eq!(
+            text(&base_cmdline(HostMode::Hardware, true).unwrap()),
+            base()
+        );
+    }
+
+    #[test]
+    fn a_kernel_that_reads_the_leaves_gets_no_clearcpuid() {
+        let pvm = text(&base_cmdline(HostMode::Pvm, true).unwrap());
+        assert!(!pvm.contains("clearcpuid"), "{pvm}");
+        assert!(
+            pvm.contains("noxsave") && pvm.contains("GLIBC_TUNABLES="),
+            "{pvm}"
+        );
     }
 
     #[test]
     fn devices_and_extras_are_appended() {
-        let mut c = base_cmdline(HostMode::Hardware).unwrap();
+        let mut c = base_cmdline(HostMode::Hardware, false).unwrap();
         c.add_virtio_mmio_device(0x1000, GuestAddress(0xd000_0000), 5, None)
             .unwrap();
         append(&mut c, "  quiet ").unwrap();
@@ -89,7 +109,7 @@ mod tests {
 
     #[test]
     fn overlong_extra_is_a_clear_error() {
-        let mut c = base_cmdline(HostMode::Pvm).unwrap();
+        let mut c = base_cmdline(HostMode::Pvm, false).unwrap();
         let err = append(&mut c, &"x".repeat(CMDLINE_MAX_SIZE))
             .unwrap_err()
             .to_string();

@@ -3,6 +3,7 @@
 pub mod cmdline;
 pub mod cpu_template;
 pub mod cpuid;
+pub mod kernel_notes;
 pub mod loader;
 pub mod mptable;
 pub mod msrs;

@@ -1,8 +1,9 @@
 //! Model-specific registers set on every vCPU before it first runs.
 //!
 //! Only what a freshly reset CPU would hold and Linux relies on: syscall/sysenter MSRs
-//! cleared, TSC at zero, fast strings on, and MTRRs defaulting to write-back (with MTRRs
-//! off Linux maps all RAM uncached, which is very slow). MSRs that KVM does not list as
+//! cleared, TSC at zero, fast strings on, MTRRs defaulting to write-back (with MTRRs
+//! off Linux maps all RAM uncached, which is very slow), and on AMD the TSC frequency
+//! select firmware sets. MSRs that KVM does not list as
 //! supported on this host are skipped: writing one fails the whole batch (QEMU's `-cpu
 //! host` aborts on MSR 0x10a on PVM hosts for that reason).
 
@@ -37,10 +38,16 @@ pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 pub const MSR_IA32_TSC: u32 = 0x10;
 pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+pub const MSR_K7_HWCR: u32 = 0xc001_0015;
 
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRs enabled (bit 11), default memory type write-back (6).
 const MTRR_DEF_TYPE_ENABLED_WB: u64 = (1 << 11) | 6;
+/// AMD HWCR TscFreqSel (bit 24): the TSC counts at the P0 frequency, as firmware sets it
+/// on every AMD CPU with a constant TSC. Without it an AMD guest warns "[Firmware Bug]:
+/// TSC doesn't count with P0 frequency!" on the console at every boot. Intel hosts do
+/// not list the MSR, so it is skipped there.
+const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
 
 /// The boot MSRs and their values.
 pub const BOOT_MSRS: &[(u32, u64)] = &[
@@ -55,6 +62,7 @@ pub const BOOT_MSRS: &[(u32, u64)] = &[
     (MSR_IA32_TSC, 0),
     (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
     (MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_ENABLED_WB),
+    (MSR_K7_HWCR, HWCR_TSC_FREQ_SEL),
 ];
 
 /// The boot MSRs that appear in `supported` (KVM's index list for this host).
