@@ -115,6 +115,35 @@ fn linux_guest_with_one_vcpu_boots_its_root_disk_until_the_agent_is_ready() {
         !console.contains("Unpacking initramfs"),
         "console:\n{console}"
     );
+    assert_husk_platform(&console);
+}
+
+/// The guest kernel read husk's platform leaves (vmm/boot/platform.rs, patch 0021): no
+/// legacy PIC, so no ISA interrupts preallocated; on PVM hosts the hidden features came
+/// from the leaves, and `clearcpuid=` is not on its command line.
+fn assert_husk_platform(console: &str) {
+    assert!(
+        console.contains("preallocated irqs: 0"),
+        "the guest set up a legacy PIC:\n{console}"
+    );
+    let pvm = HostMode::detect() == HostMode::Pvm;
+    let platform = if pvm {
+        "husk platform: flags 0x3, 19 CPU features cleared"
+    } else {
+        "husk platform: flags 0x1, 0 CPU features cleared"
+    };
+    assert!(
+        console.contains(platform),
+        "{platform:?} missing:\n{console}"
+    );
+    let cmdline = console
+        .lines()
+        .find(|l| l.contains("Kernel command line:"))
+        .unwrap_or_else(|| panic!("no command line in:\n{console}"));
+    assert!(!cmdline.contains("clearcpuid"), "{cmdline}");
+    if pvm {
+        assert!(cmdline.contains("noxsave"), "{cmdline}");
+    }
 }
 
 #[test]
@@ -134,6 +163,7 @@ fn linux_guest_with_two_vcpus_brings_up_both_cpus_and_becomes_ready() {
         "second CPU must start:\n{console}"
     );
     // CPUID topology: both vCPUs are cores of one package (not one package each).
+    assert_husk_platform(&console);
     assert!(
         console.contains("Max logical packages: 1"),
         "one package:\n{console}"
