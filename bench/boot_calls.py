@@ -23,41 +23,13 @@ Context switches make frames that sleep approximate (marked *): use the figures 
 candidates, then measure a cut with INSNS=1 bench/boot_vs_qemu.sh.
 """
 import argparse
-import bisect
 import collections
 import os
 import struct
 import sys
 
-
-class Symbols:
-    """Text symbols of a System.map: rip (hex text) -> (function, at its first byte)."""
-
-    def __init__(self, path):
-        syms = []
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[1] in "tTwW":
-                    syms.append((int(parts[0], 16), parts[2]))
-        if not syms:
-            raise SystemExit(f"boot_calls: no text symbols in {path}")
-        syms.sort()
-        self.addrs = [a for a, _ in syms]
-        self.names = [n for _, n in syms]
-        self.cache = {}
-
-    def lookup(self, rip):
-        hit = self.cache.get(rip)
-        if hit is None:
-            x = int(rip, 16)
-            i = bisect.bisect_right(self.addrs, x) - 1
-            if i < 0 or x < 0xFFFFFFFF80000000:
-                hit = ("(user or firmware)", False)
-            else:
-                hit = (self.names[i], x == self.addrs[i])
-            self.cache[rip] = hit
-        return hit
+# The System.map reader (the same lookup as the profile tables).
+from boot_profile import Symbols
 
 
 def rips(path):
