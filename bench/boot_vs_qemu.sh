@@ -149,7 +149,7 @@ printf '%-5s %-4s %10s %10s %14s\n' vmm run run_init_s ready_s husk_port_ms
 for run in $(seq 1 "$runs"); do
     for vmm in husk qemu; do
         log=$work/$vmm.$run.log
-        flock "$HUSK_VM_LOCK" bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra cmdline QEMU_ARGV insns); boot_once $vmm $log"
+        flock "$HUSK_VM_LOCK" bash -c "$(declare -f stamp boot_once); $(declare -p bin kernel initrd vcpus mem template_arg timeout_s extra QEMU_ARGV insns); boot_once $vmm $log"
         init=$(seen_at "$log" 'Run /init as init process')
         ready=$(seen_at "$log" 'husk-agent: ready')
         port=$(sed -n 's/.*boot: ready after \([0-9]*\) ms.*/\1/p' "$log" | tail -1)

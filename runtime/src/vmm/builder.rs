@@ -7,6 +7,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kvm_bindings::CpuId;
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -249,7 +250,7 @@ impl VmBuilder {
         Ok(line)
     }
 
-    fn load_boot_source(&self) -> Result<BootEntry, BuildError> {
+    fn load_boot_source(&self, supported_cpuid: &CpuId) -> Result<BootEntry, BuildError> {
         Ok(match &self.boot {
             BootSource::Linux { kernel, .. } => {
                 let line = self.kernel_cmdline()?;
@@ -262,7 +263,7 @@ impl VmBuilder {
                 let initramfs = self.guest_root.initramfs();
                 let device_irqs: Vec<u32> = self.mmio_slots.iter().map(|s| s.irq).collect();
                 let platform = cpuid::guest_platform(
-                    &cpuid::supported_cpuid(&self.kvm)?,
+                    supported_cpuid,
                     self.vcpus,
                     self.cpu_template,
                     self.host_mode,
@@ -286,8 +287,11 @@ impl VmBuilder {
         })
     }
 
-    fn create_vcpus(&self, entry: BootEntry) -> Result<Vec<kvm_ioctls::VcpuFd>, BuildError> {
-        let supported_cpuid = cpuid::supported_cpuid(&self.kvm)?;
+    fn create_vcpus(
+        &self,
+        entry: BootEntry,
+        supported_cpuid: &CpuId,
+    ) -> Result<Vec<kvm_ioctls::VcpuFd>, BuildError> {
         let supported_msrs = msrs::supported_msrs(&self.kvm)?;
         (0..self.vcpus)
             .map(|index| {
@@ -301,7 +305,7 @@ impl VmBuilder {
                     }
                 })?;
                 let vcpu_cpuid = cpuid::vcpu_cpuid(
-                    &supported_cpuid,
+                    supported_cpuid,
                     index,
                     self.vcpus,
                     self.cpu_template,
@@ -328,8 +332,10 @@ impl VmBuilder {
         let fds = match self.restoring.take() {
             Some(snapshot) => self.restore_vcpus(&snapshot, fingerprint)?,
             None => {
-                let entry = self.load_boot_source()?;
-                self.create_vcpus(entry)?
+                // The MP table (boot source) and the vCPUs follow from the same CPUID.
+                let supported_cpuid = cpuid::supported_cpuid(&self.kvm)?;
+                let entry = self.load_boot_source(&supported_cpuid)?;
+                self.create_vcpus(entry, &supported_cpuid)?
             }
         };
         let pio = Arc::new(self.pio);

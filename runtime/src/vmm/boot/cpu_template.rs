@@ -10,8 +10,9 @@
 //!   that cost emulated instructions on PVM (shared/substrate.md) and that a sandbox does
 //!   not need: no XSAVE/AVX state, no PCID/INVPCID, no SMAP/SMEP, no POPCNT, no
 //!   speculation-control MSRs, no MONITOR/MWAIT, no PMU, no async page faults or steal
-//!   time. It keeps TSC-deadline and ARAT, with which the guest needs no PIT. Bits are only ever cleared relative to `host`, so `host-min` never offers a
-//!   feature KVM cannot virtualise.
+//!   time. It keeps TSC-deadline and ARAT, with which the guest needs no PIT. Bits are
+//!   only ever cleared relative to `host`, so `host-min` never offers a feature KVM
+//!   cannot virtualise.
 //!
 //! Both templates leave the MSRs set at boot alike ([`super::msrs`]): the boot MSRs are
 //! architectural and a reset CPU holds them whatever its feature set.

@@ -7,6 +7,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::vmm::devices::serial::COM1_IRQ;
 use crate::vmm::memory::{APIC_START, EBDA_START, IOAPIC_START};
 
 /// Errors writing the MP table.
@@ -24,8 +25,6 @@ pub const IOAPIC_PINS: u8 = 24;
 /// legacy PIC: Linux then preallocates them as legacy IRQs anyway, and checks the timer on
 /// pin 0.
 const ISA_IRQS: u8 = 16;
-/// COM1, the serial console's interrupt (console input).
-pub const SERIAL_IRQ: u32 = 4;
 /// The table must end before 0xa0000 (1 KiB of EBDA).
 pub const MAX_VCPUS: u8 = 32;
 const TABLE_AREA: usize = 0x400;
@@ -82,7 +81,7 @@ pub fn build(num_cpus: u8, device_irqs: &[u32], legacy_pic: bool) -> Result<Vec<
     count += 2;
     let routed = (0..IOAPIC_PINS).filter(|&pin| {
         let pin = u32::from(pin);
-        (legacy_pic && pin < u32::from(ISA_IRQS)) || pin == SERIAL_IRQ || device_irqs.contains(&pin)
+        (legacy_pic && pin < u32::from(ISA_IRQS)) || pin == COM1_IRQ || device_irqs.contains(&pin)
     });
     for irq in routed {
         entries.extend(interrupt_entry(3, INT_TYPE_INT, irq, ioapic_id, irq));

@@ -3,9 +3,9 @@
 //! Only what a freshly reset CPU would hold and Linux relies on: syscall/sysenter MSRs
 //! cleared, TSC at zero, fast strings on, MTRRs defaulting to write-back (with MTRRs
 //! off Linux maps all RAM uncached, which is very slow), and on AMD the TSC frequency
-//! select firmware sets. MSRs that KVM does not list as
-//! supported on this host are skipped: writing one fails the whole batch (QEMU's `-cpu
-//! host` aborts on MSR 0x10a on PVM hosts for that reason).
+//! select firmware sets. MSRs that KVM does not list as supported on this host are
+//! skipped: writing one fails the whole batch (QEMU's `-cpu host` aborts on MSR 0x10a on
+//! PVM hosts for that reason).
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
