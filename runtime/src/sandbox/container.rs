@@ -91,6 +91,19 @@ fn map_err<'a>(
     }
 }
 
+/// Runs `op` a second time when it failed because a process vanished between two reads
+/// of its /proc directory. libcontainer opens /proc/PID and then reads /proc/PID/stat to
+/// find a container's status; an init reaped in between (just SIGKILLed, say) fails the
+/// second read, and the next attempt finds no /proc/PID and sees the container stopped.
+fn again_if_process_vanished<T>(
+    mut op: impl FnMut() -> Result<T, LibcontainerError>,
+) -> Result<T, LibcontainerError> {
+    match op() {
+        Err(LibcontainerError::Procfs(procfs::ProcError::NotFound(_))) => op(),
+        other => other,
+    }
+}
+
 fn io_err<'a>(id: &'a str, op: &'static str) -> impl FnOnce(std::io::Error) -> SandboxError + 'a {
     move |err| SandboxError::Backend {
         id: id.to_string(),
@@ -101,7 +114,8 @@ fn io_err<'a>(id: &'a str, op: &'static str) -> impl FnOnce(std::io::Error) -> S
 
 impl ContainerSandbox {
     fn load(&self, entry: &Entry, op: &'static str) -> Result<Container, SandboxError> {
-        Container::load(state_dir(entry)).map_err(map_err(entry.id(), op))
+        let dir = state_dir(entry);
+        again_if_process_vanished(|| Container::load(dir.clone())).map_err(map_err(entry.id(), op))
     }
 
     fn cgroup(&self, entry: &Entry, op: &'static str) -> Result<AnyCgroupManager, SandboxError> {
@@ -204,14 +218,15 @@ impl Sandbox for ContainerSandbox {
     fn kill(&self, entry: &Entry, signal: i32, all: bool) -> Result<(), SandboxError> {
         let id = entry.id();
         let sig =
-            libcontainer::signal::Signal::try_from(signal).map_err(|e| SandboxError::Backend {
+            nix::sys::signal::Signal::try_from(signal).map_err(|_| SandboxError::Backend {
                 id: id.to_string(),
                 op: "kill",
-                message: format!("{e:?}"),
+                message: format!("{signal} is not a signal number"),
             })?;
-        let mut c = self.load(entry, "kill")?;
-        let before = c.status();
-        c.kill(sig, all).map_err(map_err(id, "kill"))?;
+        let before = self.load(entry, "kill")?.status();
+        // Each attempt loads the container anew, so a retry sees its status after the race.
+        again_if_process_vanished(|| Container::load(state_dir(entry))?.kill(sig, all))
+            .map_err(map_err(id, "kill"))?;
         // libcontainer marks the container stopped after any signal; a created or paused
         // container that survived it (SIGUSR1, say) keeps its status.
         let mut after = self.load(entry, "kill")?;
@@ -348,5 +363,34 @@ mod tests {
         );
         let e = map_err("c1", "start")(LibcontainerError::Exist);
         assert!(e.to_string().contains("start failed"), "{e}");
+    }
+
+    #[test]
+    fn a_process_that_vanished_mid_read_is_read_again_once() {
+        let vanished = || LibcontainerError::Procfs(procfs::ProcError::NotFound(None));
+        let mut calls = 0;
+        let r = again_if_process_vanished(|| {
+            calls += 1;
+            if calls == 1 {
+                Err(vanished())
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(r.unwrap(), 2);
+        // Vanished twice: the second error is the answer, no third read.
+        let mut calls = 0;
+        let r: Result<(), _> = again_if_process_vanished(|| {
+            calls += 1;
+            Err(vanished())
+        });
+        assert!(r.is_err() && calls == 2);
+        // Any other error is not retried.
+        let mut calls = 0;
+        let r: Result<(), _> = again_if_process_vanished(|| {
+            calls += 1;
+            Err(LibcontainerError::Exist)
+        });
+        assert!(matches!(r, Err(LibcontainerError::Exist)) && calls == 1);
     }
 }
