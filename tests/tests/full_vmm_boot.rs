@@ -118,24 +118,33 @@ fn linux_guest_with_one_vcpu_boots_its_root_disk_until_the_agent_is_ready() {
     assert_husk_platform(&console);
 }
 
-/// The guest kernel read husk's platform leaves (vmm/boot/platform.rs, patch 0021): no
-/// legacy PIC, so no ISA interrupts preallocated; on PVM hosts the hidden features came
-/// from the leaves, and `clearcpuid=` is not on its command line.
+/// The guest kernel read husk's platform leaves (vmm/boot/platform.rs, patches 0021 and
+/// 0024): no legacy PIC, so no ISA interrupts preallocated; on PVM hosts the hidden
+/// features came from the leaves, and `clearcpuid=` is not on its command line; with an
+/// invariant host TSC the TSC, not kvm-clock, is its clock.
 fn assert_husk_platform(console: &str) {
     assert!(
         console.contains("preallocated irqs: 0"),
         "the guest set up a legacy PIC:\n{console}"
     );
     let pvm = HostMode::detect() == HostMode::Pvm;
-    let platform = if pvm {
-        "husk platform: flags 0x3, 19 CPU features cleared"
-    } else {
-        "husk platform: flags 0x1, 0 CPU features cleared"
-    };
+    // KVM shows the vCPUs an invariant TSC when the host's is (`nonstop_tsc`).
+    let tsc_clock = std::fs::read_to_string("/proc/cpuinfo")
+        .is_ok_and(|c| c.split_whitespace().any(|flag| flag == "nonstop_tsc"));
+    let flags = 0x1 | if pvm { 0x2 } else { 0 } | if tsc_clock { 0x4 } else { 0 };
+    let cleared = if pvm { 19 } else { 0 };
+    let platform = format!("husk platform: flags {flags:#x}, {cleared} CPU features cleared");
     assert!(
-        console.contains(platform),
+        console.contains(&platform),
         "{platform:?} missing:\n{console}"
     );
+    if tsc_clock {
+        assert!(
+            console.contains("clocksource: Switched to clocksource tsc")
+                && !console.contains("kvm-clock: using sched offset"),
+            "the TSC is not the guest's clock:\n{console}"
+        );
+    }
     let cmdline = console
         .lines()
         .find(|l| l.contains("Kernel command line:"))

@@ -9,11 +9,13 @@ use std::time::Instant;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use linux_loader::cmdline::Cmdline;
+
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::boot::cmdline::KernelArgs;
 use super::boot::cpu_template::CpuTemplate;
+use super::boot::kernel_notes::KernelSupport;
 use super::boot::{self, cmdline, cpuid, msrs, regs, BootEntry, BootError};
 use super::config::{BootSource, VmConfig};
 use super::device_set::{DeviceSet, DeviceSetError};
@@ -229,36 +231,39 @@ impl VmBuilder {
         Ok(slot)
     }
 
-    /// The kernel command line this VM will boot with (Linux boot only).
-    pub fn kernel_cmdline(&self) -> Result<Cmdline, BuildError> {
-        let reads_leaves = match &self.boot {
-            BootSource::Linux { kernel, .. } => boot::kernel_notes::reads_husk_leaves(kernel),
-            BootSource::Raw { .. } => false,
+    /// The kernel arguments this VM will boot with (Linux boot only): the command line
+    /// and init's environment, as far as the kernel reads that outside the line.
+    pub fn kernel_args(&self) -> Result<KernelArgs, BuildError> {
+        let support = match &self.boot {
+            BootSource::Linux { kernel, .. } => boot::kernel_notes::kernel_support(kernel),
+            BootSource::Raw { .. } => KernelSupport::default(),
         };
-        let mut line =
-            cmdline::base_cmdline(self.host_mode, reads_leaves).map_err(BootError::from)?;
+        let mut args = cmdline::base_args(self.host_mode, support).map_err(BootError::from)?;
+        let line = &mut args.cmdline;
         for slot in &self.mmio_slots {
             line.add_virtio_mmio_device(slot.size, GuestAddress(slot.base), slot.irq, None)
                 .map_err(|e| BootError::from(cmdline::CmdlineError::Invalid(e)))?;
         }
         if self.guest_root.disk().is_some() {
-            cmdline::append(&mut line, boot::ROOT_DISK_CMDLINE).map_err(BootError::from)?;
+            cmdline::append(line, boot::ROOT_DISK_CMDLINE).map_err(BootError::from)?;
         }
         if let BootSource::Linux { cmdline_extra, .. } = &self.boot {
-            cmdline::append(&mut line, cmdline_extra).map_err(BootError::from)?;
+            cmdline::append(line, cmdline_extra).map_err(BootError::from)?;
         }
-        Ok(line)
+        Ok(args)
     }
 
     fn load_boot_source(&self, supported_cpuid: &CpuId) -> Result<BootEntry, BuildError> {
         Ok(match &self.boot {
             BootSource::Linux { kernel, .. } => {
-                let line = self.kernel_cmdline()?;
+                let args = self.kernel_args()?;
                 log::info!(
-                    "kernel command line: {}",
-                    line.as_cstring()
+                    "kernel command line: {}; init environment: {:?}",
+                    args.cmdline
+                        .as_cstring()
                         .map(|c| c.to_string_lossy().into_owned())
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    args.init_env
                 );
                 let initramfs = self.guest_root.initramfs();
                 let device_irqs: Vec<u32> = self.mmio_slots.iter().map(|s| s.irq).collect();
@@ -272,7 +277,7 @@ impl VmBuilder {
                     &self.mem,
                     kernel,
                     initramfs,
-                    &line,
+                    &args,
                     self.vcpus,
                     &device_irqs,
                     !platform.no_legacy_pic,

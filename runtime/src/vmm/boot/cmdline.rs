@@ -3,6 +3,7 @@
 
 use linux_loader::cmdline::Cmdline;
 
+use super::kernel_notes::KernelSupport;
 use crate::host::HostMode;
 use crate::vmm::memory::CMDLINE_MAX_SIZE;
 
@@ -32,22 +33,52 @@ pub fn pvm_compat() -> &'static str {
     include_str!("../../../../guest-kernel-config/cmdline.pvm").trim()
 }
 
-/// The command line for a guest on a host of `mode`, before devices and extras. A kernel
-/// that reads the husk platform leaves (`kernel_reads_leaves`, [`super::kernel_notes`])
-/// learns the PVM-hidden features from them, so `clearcpuid=` stays off its line.
-pub fn base_cmdline(mode: HostMode, kernel_reads_leaves: bool) -> Result<Cmdline, CmdlineError> {
+/// What a guest kernel boots with: its command line, and init's environment when the
+/// kernel takes that outside the command line.
+#[derive(Debug)]
+pub struct KernelArgs {
+    pub cmdline: Cmdline,
+    /// `NAME=value` strings for init, passed in husk's setup_data entry
+    /// ([`super::loader`]); empty when they are on the command line.
+    pub init_env: Vec<String>,
+}
+
+/// Whether a command-line argument is for init's environment rather than the kernel:
+/// `NAME=value` with an upper-case NAME (kernel parameters are lower case).
+fn is_init_env(arg: &str) -> bool {
+    arg.split_once('=').is_some_and(|(name, _)| {
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    })
+}
+
+/// The kernel arguments for a guest on a host of `mode`, before devices and extras. A
+/// kernel that reads the husk platform leaves ([`super::kernel_notes`]) learns the
+/// PVM-hidden features from them, so `clearcpuid=` stays off its line; one that reads
+/// init's environment from husk's setup_data entry gets `GLIBC_TUNABLES=` there.
+pub fn base_args(mode: HostMode, kernel: KernelSupport) -> Result<KernelArgs, CmdlineError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(CmdlineError::Invalid)?;
     cmdline.insert_str(base()).map_err(CmdlineError::Invalid)?;
+    let mut init_env = Vec::new();
     if mode == HostMode::Pvm {
-        let compat: Vec<&str> = pvm_compat()
-            .split_whitespace()
-            .filter(|arg| !(kernel_reads_leaves && arg.starts_with("clearcpuid=")))
-            .collect();
+        let mut compat = Vec::new();
+        for arg in pvm_compat().split_whitespace() {
+            if kernel.platform_leaves && arg.starts_with("clearcpuid=") {
+                continue;
+            }
+            if kernel.init_env_setup_data && is_init_env(arg) {
+                init_env.push(arg.to_string());
+                continue;
+            }
+            compat.push(arg);
+        }
         cmdline
             .insert_str(compat.join(" "))
             .map_err(CmdlineError::Invalid)?;
     }
-    Ok(cmdline)
+    Ok(KernelArgs { cmdline, init_env })
 }
 
 /// Appends free text (e.g. `--cmdline-extra`).
@@ -70,23 +101,40 @@ mod tests {
         c.as_cstring().unwrap().into_string().unwrap()
     }
 
+    const PLAIN: KernelSupport = KernelSupport {
+        platform_leaves: false,
+        init_env_setup_data: false,
+    };
+    const LEAVES: KernelSupport = KernelSupport {
+        platform_leaves: true,
+        init_env_setup_data: false,
+    };
+    const LEAVES_AND_ENV: KernelSupport = KernelSupport {
+        platform_leaves: true,
+        init_env_setup_data: true,
+    };
+
+    fn base_cmdline(mode: HostMode, kernel: KernelSupport) -> Result<Cmdline, CmdlineError> {
+        base_args(mode, kernel).map(|a| a.cmdline)
+    }
+
     #[test]
     fn pvm_hosts_get_the_compat_options_and_others_do_not() {
-        let pvm = text(&base_cmdline(HostMode::Pvm, false).unwrap());
+        let pvm = text(&base_cmdline(HostMode::Pvm, PLAIN).unwrap());
         assert_eq!(pvm, format!("{} {}", base(), pvm_compat()));
         assert!(pvm.contains("console=ttyS0") && pvm.contains("reboot=k"));
         assert!(pvm.contains("noxsave") && pvm.contains("clearcpuid=smap"));
-        let hw = text(&base_cmdline(HostMode::Hardware, false).unwrap());
+        let hw = text(&base_cmdline(HostMode::Hardware, PLAIN).unwrap());
         assert_eq!(hw, base());
         assert_eq!(
-            text(&base_cmdline(HostMode::Hardware, true).unwrap()),
+            text(&base_cmdline(HostMode::Hardware, LEAVES_AND_ENV).unwrap()),
             base()
         );
     }
 
     #[test]
     fn a_kernel_that_reads_the_leaves_gets_no_clearcpuid() {
-        let pvm = text(&base_cmdline(HostMode::Pvm, true).unwrap());
+        let pvm = text(&base_cmdline(HostMode::Pvm, LEAVES).unwrap());
         assert!(!pvm.contains("clearcpuid"), "{pvm}");
         assert!(
             pvm.contains("noxsave") && pvm.contains("GLIBC_TUNABLES="),
@@ -95,8 +143,28 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_that_reads_init_env_gets_glibc_tunables_outside_the_line() {
+        let args = base_args(HostMode::Pvm, LEAVES_AND_ENV).unwrap();
+        let line = text(&args.cmdline);
+        assert!(
+            !line.contains("GLIBC_TUNABLES") && line.contains("noxsave"),
+            "{line}"
+        );
+        assert_eq!(args.init_env.len(), 1);
+        assert!(args.init_env[0].starts_with("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,"));
+        assert!(args.init_env.join("\0").len() <= super::super::loader::INIT_ENV_MAX);
+        // Kernel parameters stay on the line whatever the kernel reads.
+        assert!(is_init_env("GLIBC_TUNABLES=x") && is_init_env("A_1=2"));
+        for arg in ["noxsave", "clearcpuid=smap", "=x", "glibc.x=1", "Mixed=1"] {
+            assert!(!is_init_env(arg), "{arg}");
+        }
+        let other = base_args(HostMode::Hardware, LEAVES_AND_ENV).unwrap();
+        assert!(other.init_env.is_empty());
+    }
+
+    #[test]
     fn devices_and_extras_are_appended() {
-        let mut c = base_cmdline(HostMode::Hardware, false).unwrap();
+        let mut c = base_cmdline(HostMode::Hardware, PLAIN).unwrap();
         c.add_virtio_mmio_device(0x1000, GuestAddress(0xd000_0000), 5, None)
             .unwrap();
         append(&mut c, "  quiet ").unwrap();
@@ -109,7 +177,7 @@ mod tests {
 
     #[test]
     fn overlong_extra_is_a_clear_error() {
-        let mut c = base_cmdline(HostMode::Pvm, false).unwrap();
+        let mut c = base_cmdline(HostMode::Pvm, PLAIN).unwrap();
         let err = append(&mut c, &"x".repeat(CMDLINE_MAX_SIZE))
             .unwrap_err()
             .to_string();

@@ -1,10 +1,12 @@
 //! What a guest kernel says about itself in its ELF notes, read before it is loaded.
 //!
-//! husk's guest kernel carries a note ("Husk", type 1, a version word) when it reads the
-//! husk platform leaves ([`super::platform`], guest kernel patch 0021). The VMM then
-//! leaves `clearcpuid=` off the PVM command line: the leaves list the same features, and
-//! each byte of the command line costs the guest emulated instructions (it is parsed,
-//! copied and printed at notice level). Any other kernel gets the full command line.
+//! husk's guest kernel carries a note ("Husk", type 1, a version word) saying what it
+//! reads from a husk VMM besides the command line: version 1, the husk platform leaves
+//! ([`super::platform`], guest kernel patch 0021), so the VMM leaves `clearcpuid=` off
+//! the PVM command line; version 2, also init's environment from a setup_data entry
+//! (patch 0025, [`super::loader`]), so `GLIBC_TUNABLES=` leaves the line too. Each byte
+//! of the command line costs the guest emulated instructions (it is parsed, copied and
+//! printed at notice level). Any other kernel gets the full command line.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -14,15 +16,35 @@ const PT_NOTE: u32 = 4;
 /// Notes are small; a segment larger than this is not read.
 const MAX_NOTES: u64 = 64 << 10;
 const HUSK_NOTE_NAME: &[u8] = b"Husk\0";
-const HUSK_NOTE_LEAVES: u32 = 1;
+const HUSK_NOTE_TYPE: u32 = 1;
 
-/// Whether the ELF kernel at `path` reads the husk platform leaves. Anything unreadable
-/// counts as no: loading the kernel reports what is wrong with the file.
-pub fn reads_husk_leaves(path: &Path) -> bool {
-    File::open(path)
+/// What a kernel reads from a husk VMM besides its command line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelSupport {
+    /// The husk platform leaves (note version 1, patch 0021).
+    pub platform_leaves: bool,
+    /// init's environment from husk's setup_data entry (note version 2, patch 0025).
+    pub init_env_setup_data: bool,
+}
+
+impl KernelSupport {
+    fn from_version(version: u32) -> Self {
+        KernelSupport {
+            platform_leaves: version >= 1,
+            init_env_setup_data: version >= 2,
+        }
+    }
+}
+
+/// What the ELF kernel at `path` reads from a husk VMM. Anything unreadable counts as
+/// nothing: loading the kernel reports what is wrong with the file.
+pub fn kernel_support(path: &Path) -> KernelSupport {
+    let version = File::open(path)
         .ok()
         .and_then(|mut f| note_segments(&mut f))
-        .is_some_and(|segments| segments.iter().any(|s| has_husk_leaves_note(s)))
+        .and_then(|segments| segments.iter().filter_map(|s| husk_note_version(s)).max())
+        .unwrap_or(0);
+    KernelSupport::from_version(version)
 }
 
 /// The contents of the ELF64 little-endian file's PT_NOTE segments.
@@ -59,8 +81,8 @@ fn note_segments(f: &mut File) -> Option<Vec<Vec<u8>>> {
     Some(segments)
 }
 
-/// Whether a note segment holds ("Husk", type 1) with a version of 1 or more.
-fn has_husk_leaves_note(mut notes: &[u8]) -> bool {
+/// The version word of the note ("Husk", type 1) in a note segment, if it holds one.
+fn husk_note_version(mut notes: &[u8]) -> Option<u32> {
     let word = |b: &[u8], at: usize| {
         b.get(at..at + 4)
             .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))
@@ -73,18 +95,14 @@ fn has_husk_leaves_note(mut notes: &[u8]) -> bool {
         let name_end = 12 + align4(namesz);
         let end = name_end + align4(descsz);
         if end > notes.len() {
-            return false;
+            return None;
         }
-        if &notes[12..12 + namesz] == HUSK_NOTE_NAME
-            && kind == HUSK_NOTE_LEAVES
-            && descsz >= 4
-            && word(notes, name_end).is_some_and(|v| v >= 1)
-        {
-            return true;
+        if &notes[12..12 + namesz] == HUSK_NOTE_NAME && kind == HUSK_NOTE_TYPE && descsz >= 4 {
+            return word(notes, name_end);
         }
         notes = &notes[end..];
     }
-    false
+    None
 }
 
 #[cfg(test)]
@@ -125,24 +143,46 @@ mod tests {
         f
     }
 
+    fn support_of(notes: &[u8]) -> KernelSupport {
+        kernel_support(elf_with_notes(notes).path())
+    }
+
     #[test]
-    fn finds_the_husk_note_among_others() {
-        let mut notes = note(b"Xen\0", 18, &[1, 2, 3, 4, 5, 6, 7, 8]);
-        notes.extend(note(b"Husk\0", 1, &1u32.to_le_bytes()));
-        assert!(reads_husk_leaves(elf_with_notes(&notes).path()));
+    fn finds_the_husk_note_among_others_and_reads_its_version() {
+        let husk = |version: u32| {
+            let mut notes = note(b"Xen\0", 18, &[1, 2, 3, 4, 5, 6, 7, 8]);
+            notes.extend(note(b"Husk\0", 1, &version.to_le_bytes()));
+            support_of(&notes)
+        };
+        assert_eq!(
+            husk(1),
+            KernelSupport {
+                platform_leaves: true,
+                init_env_setup_data: false
+            }
+        );
+        assert_eq!(
+            husk(2),
+            KernelSupport {
+                platform_leaves: true,
+                init_env_setup_data: true
+            }
+        );
+        assert_eq!(husk(0), KernelSupport::default());
     }
 
     #[test]
     fn other_notes_other_types_and_non_elf_files_are_no() {
+        let none = KernelSupport::default();
         let linux = note(b"Linux\0", 1, &1u32.to_le_bytes());
-        assert!(!reads_husk_leaves(elf_with_notes(&linux).path()));
+        assert_eq!(support_of(&linux), none);
         let wrong_type = note(b"Husk\0", 2, &1u32.to_le_bytes());
-        assert!(!reads_husk_leaves(elf_with_notes(&wrong_type).path()));
+        assert_eq!(support_of(&wrong_type), none);
         let truncated = &note(b"Husk\0", 1, &1u32.to_le_bytes())[..14];
-        assert!(!reads_husk_leaves(elf_with_notes(truncated).path()));
+        assert_eq!(support_of(truncated), none);
         let mut text = tempfile::NamedTempFile::new().unwrap();
         text.write_all(b"not an elf").unwrap();
-        assert!(!reads_husk_leaves(text.path()));
-        assert!(!reads_husk_leaves(Path::new("/nonexistent/vmlinux")));
+        assert_eq!(kernel_support(text.path()), none);
+        assert_eq!(kernel_support(Path::new("/nonexistent/vmlinux")), none);
     }
 }

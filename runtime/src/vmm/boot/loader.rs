@@ -1,6 +1,7 @@
 //! Loading Linux: the ELF `vmlinux` (64-bit entry), the initramfs below the top of low
-//! RAM, the command line, and the zero page (`boot_params`) with the e820 map and a seed
-//! for the kernel's random number generator (`setup_data`).
+//! RAM, the command line, and the zero page (`boot_params`) with the e820 map and
+//! `setup_data`: a seed for the kernel's random number generator and, for a kernel that
+//! reads it (guest kernel patch 0025), init's environment.
 
 use std::fs::File;
 use std::io::Read;
@@ -59,6 +60,10 @@ pub enum LoaderError {
     Seed(std::io::Error),
     /// writing the guest's random number generator seed failed: {0}
     WriteSeed(vm_memory::GuestMemoryError),
+    /// init's environment for the guest is {0} bytes, more than the 255 the guest kernel keeps; shorten the NAME=value arguments of guest-kernel-config/cmdline.pvm
+    InitEnvTooLong(usize),
+    /// writing init's environment for the guest failed: {0}
+    WriteInitEnv(vm_memory::GuestMemoryError),
 }
 
 /// Where the kernel landed and where the initramfs went.
@@ -82,6 +87,10 @@ const PAGE_SIZE: u64 = 0x1000;
 const SETUP_RNG_SEED: u32 = 9;
 /// Bytes of seed: one ChaCha key, what the kernel's generator is keyed with.
 const RNG_SEED_LEN: usize = 32;
+/// `setup_data` type of init's environment for husk's guest kernel (patch 0025): "Husk".
+const SETUP_HUSK_INIT_ENV: u32 = u32::from_le_bytes(*b"Husk");
+/// The most bytes of environment patch 0025 keeps (its buffer is 256 with the last NUL).
+pub const INIT_ENV_MAX: usize = 255;
 
 /// The `setup_data` node carrying `seed`: next (none), type, length, then the bytes.
 /// A kernel with `random.trust_bootloader` (the guest kernel's default) credits it in
@@ -89,13 +98,29 @@ const RNG_SEED_LEN: usize = 32;
 /// guest reached the agent's ready with the generator still unseeded (each early
 /// random draw then re-extracted the input pool, and a blocking `getrandom` in a
 /// container would wait for entropy an emulated guest gathers slowly).
-fn rng_seed_setup_data(seed: &[u8]) -> Vec<u8> {
-    let mut node = Vec::with_capacity(16 + seed.len());
-    node.extend_from_slice(&0u64.to_le_bytes());
-    node.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
-    node.extend_from_slice(&(seed.len() as u32).to_le_bytes());
-    node.extend_from_slice(seed);
+fn rng_seed_setup_data(seed: &[u8], next: u64) -> Vec<u8> {
+    setup_data_node(SETUP_RNG_SEED, seed, next)
+}
+
+/// A `setup_data` node: the next node's address (0: none), type, length, then the bytes.
+fn setup_data_node(kind: u32, data: &[u8], next: u64) -> Vec<u8> {
+    let mut node = Vec::with_capacity(16 + data.len());
+    node.extend_from_slice(&next.to_le_bytes());
+    node.extend_from_slice(&kind.to_le_bytes());
+    node.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    node.extend_from_slice(data);
     node
+}
+
+/// init's environment as patch 0025 reads it: NUL-separated `NAME=value` strings. On
+/// the command line each such argument was walked by every parameter scan and printed
+/// twice (~55 k emulated instructions for PVM's `GLIBC_TUNABLES`).
+fn init_env_data(vars: &[String]) -> Result<Vec<u8>, LoaderError> {
+    let data = vars.join("\0").into_bytes();
+    if data.len() > INIT_ENV_MAX {
+        return Err(LoaderError::InitEnvTooLong(data.len()));
+    }
+    Ok(data)
 }
 
 /// Loads the ELF kernel at its physical addresses (at or above 1 MiB).
@@ -204,10 +229,12 @@ pub fn build_boot_params(
     params
 }
 
-/// Writes the command line, the RNG seed and the zero page.
+/// Writes the command line, the `setup_data` list (the RNG seed, then init's
+/// environment when there is any) and the zero page.
 pub fn write_boot_params(
     mem: &GuestMemoryMmap,
     cmdline: &Cmdline,
+    init_env: &[String],
     initrd: Option<(u64, u64)>,
 ) -> Result<(), LoaderError> {
     load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(LoaderError::WriteCmdline)?;
@@ -216,8 +243,19 @@ pub fn write_boot_params(
         .map(|c| c.as_bytes().len())
         .unwrap_or(0);
     let seed = crate::vmm::entropy::host_random(RNG_SEED_LEN).map_err(LoaderError::Seed)?;
-    mem.write_slice(&rng_seed_setup_data(&seed), GuestAddress(SETUP_DATA_START))
-        .map_err(LoaderError::WriteSeed)?;
+    // The environment node follows the seed's, 8-byte aligned.
+    let env_at = (SETUP_DATA_START + 16 + RNG_SEED_LEN as u64).next_multiple_of(8);
+    let next = if init_env.is_empty() { 0 } else { env_at };
+    mem.write_slice(
+        &rng_seed_setup_data(&seed, next),
+        GuestAddress(SETUP_DATA_START),
+    )
+    .map_err(LoaderError::WriteSeed)?;
+    if !init_env.is_empty() {
+        let node = setup_data_node(SETUP_HUSK_INIT_ENV, &init_env_data(init_env)?, 0);
+        mem.write_slice(&node, GuestAddress(env_at))
+            .map_err(LoaderError::WriteInitEnv)?;
+    }
     let params = build_boot_params(mem.last_addr().0 + 1, len, initrd, Some(SETUP_DATA_START));
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
@@ -252,7 +290,7 @@ mod tests {
         let cmdline = Cmdline::new(64).unwrap();
         let mut seeds = Vec::new();
         for _ in 0..2 {
-            write_boot_params(&mem, &cmdline, None).unwrap();
+            write_boot_params(&mem, &cmdline, &[], None).unwrap();
             let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
             assert_eq!({ params.hdr.setup_data }, SETUP_DATA_START);
             let mut node = [0u8; 16 + RNG_SEED_LEN];
@@ -271,6 +309,31 @@ mod tests {
             .iter()
             .all(|e| end <= e.addr || SETUP_DATA_START >= e.addr + e.size));
         assert!(SETUP_DATA_START >= EBDA_START + 0x400 && end <= HIMEM_START);
+    }
+
+    #[test]
+    fn init_env_follows_the_seed_in_the_setup_data_list() {
+        let mem = crate::vmm::memory::create_guest_memory(16).unwrap();
+        let cmdline = Cmdline::new(64).unwrap();
+        let env = vec!["GLIBC_TUNABLES=a=b".to_string(), "X=1".to_string()];
+        write_boot_params(&mem, &cmdline, &env, None).unwrap();
+        let word = |at: u64| -> u64 { mem.read_obj(GuestAddress(at)).unwrap() };
+        let next = word(SETUP_DATA_START);
+        assert_eq!(next % 8, 0);
+        assert!(next >= SETUP_DATA_START + 16 + RNG_SEED_LEN as u64);
+        assert_eq!(word(next), 0, "the environment is the last node");
+        let kind_len = word(next + 8);
+        assert_eq!(kind_len as u32, u32::from_le_bytes(*b"Husk"));
+        let len = (kind_len >> 32) as usize;
+        let mut data = vec![0u8; len];
+        mem.read_slice(&mut data, GuestAddress(next + 16)).unwrap();
+        assert_eq!(data, b"GLIBC_TUNABLES=a=b\0X=1");
+        // Below the kernel and out of the RAM map, as the seed.
+        assert!(next + 16 + INIT_ENV_MAX as u64 <= HIMEM_START);
+        // More than the kernel keeps is an error naming the fix, not a cut variable.
+        let long = vec![format!("A={}", "x".repeat(INIT_ENV_MAX))];
+        let err = write_boot_params(&mem, &cmdline, &long, None).unwrap_err();
+        assert!(err.to_string().contains("cmdline.pvm"), "{err}");
     }
 
     #[test]

@@ -12,9 +12,9 @@ pub mod regs;
 
 use std::path::{Path, PathBuf};
 
-use linux_loader::cmdline::Cmdline;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use self::cmdline::KernelArgs;
 use self::regs::CpuMode;
 use super::memory::{HIMEM_START, ZERO_PAGE_START};
 
@@ -101,13 +101,13 @@ pub struct BootEntry {
     pub zero_page: u64,
 }
 
-/// Loads a Linux kernel, its initramfs, the command line, boot_params and the MP table
+/// Loads a Linux kernel, its initramfs, its arguments (command line, init's environment), boot_params and the MP table
 /// (routing the devices' `device_irqs`, and the ISA interrupts for a `legacy_pic`).
 pub fn load_linux(
     mem: &GuestMemoryMmap,
     kernel: &Path,
     initrd: Option<&Path>,
-    cmdline: &Cmdline,
+    args: &KernelArgs,
     vcpus: u8,
     device_irqs: &[u32],
     legacy_pic: bool,
@@ -116,7 +116,7 @@ pub fn load_linux(
     let initrd = initrd
         .map(|path| loader::load_initrd(mem, path, kernel_end))
         .transpose()?;
-    loader::write_boot_params(mem, cmdline, initrd)?;
+    loader::write_boot_params(mem, &args.cmdline, &args.init_env, initrd)?;
     mptable::write(mem, vcpus, device_irqs, legacy_pic)?;
     regs::write_long_mode_tables(mem)?;
     Ok(BootEntry {

@@ -35,13 +35,18 @@ impl VmBuilder {
     /// The identity of this VM's configuration: what a snapshot of it is tagged with, and
     /// a good key for a template cache.
     pub fn fingerprint(&self) -> Result<Fingerprint, BuildError> {
-        let line = self.kernel_cmdline()?;
-        let line = line
+        let args = self.kernel_args()?;
+        let line = args
+            .cmdline
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
         let mem_mib = self.mem_size() >> 20;
-        let boot_and_cpu = format!("{line}\0cpu template {:?}", self.cpu_template);
+        let boot_and_cpu = format!(
+            "{line}\0{}\0cpu template {:?}",
+            args.init_env.join("\0"),
+            self.cpu_template
+        );
         Ok(fingerprint(self.vcpus, mem_mib, &self.boot, &boot_and_cpu)?)
     }
 
