@@ -568,7 +568,7 @@ fn attach_places_the_device_on_a_vm_and_announces_it_on_the_kernel_command_line(
     });
     let mut builder = VmBuilder::new(config).unwrap();
     let (fs, slot) = fs::attach_fs_device(&mut builder, &s.config).unwrap();
-    let line = builder.kernel_cmdline().unwrap().as_cstring().unwrap();
+    let line = builder.kernel_args().unwrap().cmdline.as_cstring().unwrap();
     let line = line.to_string_lossy();
     let expected = format!("virtio_mmio.device=4K@{:#x}:{}", slot.base, slot.irq);
     assert!(line.contains(&expected), "{expected} not in {line}");
