@@ -10,9 +10,10 @@
 //! accepts CR4.OSXSAVE and XCR0 = x87|SSE from the guest, yet PVM leaves the host's XCR0
 //! loaded while guest user code runs, and the host has no CPUID faulting).
 //!
-//! So the VMM puts `GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,...` on the kernel command line
-//! of PVM guests (guest-kernel-config/cmdline.pvm); the kernel hands it to PID 1 (this
-//! agent) as an environment variable, glibc in the agent honours it, and the agent adds it
+//! So the VMM gives PVM guests `GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,...` (from
+//! guest-kernel-config/cmdline.pvm: on the kernel command line, or for husk's own kernel
+//! in a setup_data entry, runtime/src/vmm/boot/loader.rs); the kernel hands it to PID 1
+//! (this agent) as an environment variable, glibc in the agent honours it, and the agent adds it
 //! to every container process that does not set `GLIBC_TUNABLES` itself. Programs that use
 //! AVX without glibc's dispatch (Go's runtime, JITs, hand-written SIMD) are not covered:
 //! `husk features` says so.
