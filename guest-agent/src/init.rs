@@ -136,12 +136,6 @@ fn signal_ready() -> Result<(), InitError> {
         .map_err(InitError::ReadySignal)
 }
 
-fn cmdline_has(key: &str) -> bool {
-    std::fs::read_to_string("/proc/cmdline")
-        .map(|c| c.split_whitespace().any(|w| w == key))
-        .unwrap_or(false)
-}
-
 /// Ends the VM: with `reboot=k` the guest kernel resets through the i8042 controller,
 /// which the VMM treats as the guest's power-off.
 pub fn power_off() -> Result<(), InitError> {
@@ -230,7 +224,7 @@ pub fn ready() -> Result<(), InitError> {
     if std::process::id() == 1 {
         signal_ready()?;
         log("ready");
-        if cmdline_has(boot::CMDLINE_POWEROFF_AFTER_READY) {
+        if std::env::var_os(boot::ENV_POWEROFF_AFTER_READY).is_some_and(|v| v == "1") {
             power_off()?;
         }
     } else {

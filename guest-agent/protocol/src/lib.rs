@@ -34,7 +34,10 @@ pub mod boot {
     pub const READY_PORT: u16 = 0x0440;
     /// Value written to [`READY_PORT`] when the agent is ready.
     pub const READY_MAGIC: u8 = 123;
-    /// Kernel command-line key: when present, the agent powers the VM off right after
-    /// signalling ready (used by `husk vmm boot` and boot benchmarks).
-    pub const CMDLINE_POWEROFF_AFTER_READY: &str = "husk.poweroff_after_ready";
+    /// Variable of the agent's (init's) environment: set to `1`, the agent powers the
+    /// VM off right after signalling ready (used by `husk vmm boot` and boot
+    /// benchmarks). The VMM passes it as a `NAME=value` kernel argument, which reaches
+    /// init's environment from the command line or, for husk's own guest kernel, from
+    /// husk's setup_data entry (no command-line bytes for the guest to parse).
+    pub const ENV_POWEROFF_AFTER_READY: &str = "HUSK_POWEROFF_AFTER_READY";
 }

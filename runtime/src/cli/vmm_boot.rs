@@ -11,7 +11,7 @@ use husk::artifacts::{locate, Artifact};
 use husk::host::HostMode;
 use husk::vmm::boot::cpu_template::CpuTemplate;
 use husk::vmm::{BootSource, ConsoleOutput, RunOptions, VmBuilder, VmConfig};
-use husk_protocol::boot::CMDLINE_POWEROFF_AFTER_READY;
+use husk_protocol::boot::ENV_POWEROFF_AFTER_READY;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -61,7 +61,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let snapshots = args.snapshot_to.is_some() || args.restore.is_some();
     if !args.until_ready && !snapshots {
         // The agent powers the VM off right after ready, so this command ends by itself.
-        cmdline_extra = format!("{CMDLINE_POWEROFF_AFTER_READY} {cmdline_extra}");
+        cmdline_extra = format!("{ENV_POWEROFF_AFTER_READY}=1 {cmdline_extra}");
     }
     let host_mode = HostMode::detect();
     eprintln!(

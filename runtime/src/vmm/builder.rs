@@ -248,7 +248,7 @@ impl VmBuilder {
             cmdline::append(line, boot::ROOT_DISK_CMDLINE).map_err(BootError::from)?;
         }
         if let BootSource::Linux { cmdline_extra, .. } = &self.boot {
-            cmdline::append(line, cmdline_extra).map_err(BootError::from)?;
+            cmdline::append_extra(&mut args, cmdline_extra, support).map_err(BootError::from)?;
         }
         Ok(args)
     }

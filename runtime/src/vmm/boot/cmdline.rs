@@ -81,7 +81,26 @@ pub fn base_args(mode: HostMode, kernel: KernelSupport) -> Result<KernelArgs, Cm
     Ok(KernelArgs { cmdline, init_env })
 }
 
-/// Appends free text (e.g. `--cmdline-extra`).
+/// Appends the caller's arguments (`--cmdline-extra`); for a kernel that reads init's
+/// environment from husk's setup_data entry, `NAME=value` arguments with an upper-case
+/// NAME go there instead of the command line.
+pub fn append_extra(
+    args: &mut KernelArgs,
+    extra: &str,
+    kernel: KernelSupport,
+) -> Result<(), CmdlineError> {
+    let mut rest = Vec::new();
+    for arg in extra.split_whitespace() {
+        if kernel.init_env_setup_data && is_init_env(arg) {
+            args.init_env.push(arg.to_string());
+        } else {
+            rest.push(arg);
+        }
+    }
+    append(&mut args.cmdline, &rest.join(" "))
+}
+
+/// Appends free text (e.g. the root disk's arguments).
 pub fn append(cmdline: &mut Cmdline, extra: &str) -> Result<(), CmdlineError> {
     if extra.trim().is_empty() {
         return Ok(());
@@ -160,6 +179,18 @@ mod tests {
         }
         let other = base_args(HostMode::Hardware, LEAVES_AND_ENV).unwrap();
         assert!(other.init_env.is_empty());
+    }
+
+    #[test]
+    fn extra_init_variables_leave_the_line_only_for_a_kernel_that_reads_them() {
+        let mut args = base_args(HostMode::Hardware, LEAVES_AND_ENV).unwrap();
+        append_extra(&mut args, "HUSK_X=1 quiet  loglevel=6", LEAVES_AND_ENV).unwrap();
+        assert_eq!(text(&args.cmdline), format!("{} quiet loglevel=6", base()));
+        assert_eq!(args.init_env, ["HUSK_X=1"]);
+        let mut args = base_args(HostMode::Hardware, LEAVES).unwrap();
+        append_extra(&mut args, "HUSK_X=1 quiet", LEAVES).unwrap();
+        assert_eq!(text(&args.cmdline), format!("{} HUSK_X=1 quiet", base()));
+        assert!(args.init_env.is_empty());
     }
 
     #[test]

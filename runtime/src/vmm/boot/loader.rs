@@ -60,7 +60,7 @@ pub enum LoaderError {
     Seed(std::io::Error),
     /// writing the guest's random number generator seed failed: {0}
     WriteSeed(vm_memory::GuestMemoryError),
-    /// init's environment for the guest is {0} bytes, more than the 255 the guest kernel keeps; shorten the NAME=value arguments of guest-kernel-config/cmdline.pvm
+    /// init's environment for the guest is {0} bytes, more than the 255 the guest kernel keeps; shorten the upper-case NAME=value arguments of --cmdline-extra or guest-kernel-config/cmdline.pvm
     InitEnvTooLong(usize),
     /// writing init's environment for the guest failed: {0}
     WriteInitEnv(vm_memory::GuestMemoryError),
