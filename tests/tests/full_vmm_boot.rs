@@ -133,7 +133,8 @@ fn assert_husk_platform(console: &str) {
     let tsc_clock = std::fs::read_to_string("/proc/cpuinfo")
         .is_ok_and(|c| c.split_whitespace().any(|flag| flag == "nonstop_tsc"));
     let flags = 0x1 | if pvm { 0x2 } else { 0 } | if tsc_clock { 0x4 } else { 0 };
-    let cleared = if pvm { 19 } else { 0 };
+    // The 19 `clearcpuid=` names and XSAVE (`noxsave`).
+    let cleared = if pvm { 20 } else { 0 };
     let platform = format!("husk platform: flags {flags:#x}, {cleared} CPU features cleared");
     assert!(
         console.contains(&platform),
@@ -153,10 +154,15 @@ fn assert_husk_platform(console: &str) {
     assert!(!cmdline.contains("clearcpuid"), "{cmdline}");
     if pvm {
         // GLIBC_TUNABLES reached the agent (assert_vector_state) through husk's
-        // setup_data entry (patch 0025), not the command line.
+        // setup_data entry (patch 0025), not the command line; XSAVE is off through
+        // the leaves, not `noxsave`.
         assert!(
-            cmdline.contains("noxsave") && !cmdline.contains("GLIBC_TUNABLES"),
+            !cmdline.contains("noxsave") && !cmdline.contains("GLIBC_TUNABLES"),
             "{cmdline}"
+        );
+        assert!(
+            console.contains("x86/fpu: x87 FPU will use FXSAVE"),
+            "the guest kernel must not use XSAVE on PVM:\n{console}"
         );
     }
 }

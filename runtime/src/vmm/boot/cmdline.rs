@@ -56,7 +56,7 @@ fn is_init_env(arg: &str) -> bool {
 
 /// The kernel arguments for a guest on a host of `mode`, before devices and extras. A
 /// kernel that reads the husk platform leaves ([`super::kernel_notes`]) learns the
-/// PVM-hidden features from them, so `clearcpuid=` stays off its line; one that reads
+/// PVM-hidden features from them, so `clearcpuid=` and `noxsave` stay off its line; one that reads
 /// init's environment from husk's setup_data entry gets `GLIBC_TUNABLES=` there.
 pub fn base_args(mode: HostMode, kernel: KernelSupport) -> Result<KernelArgs, CmdlineError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(CmdlineError::Invalid)?;
@@ -65,7 +65,8 @@ pub fn base_args(mode: HostMode, kernel: KernelSupport) -> Result<KernelArgs, Cm
     if mode == HostMode::Pvm {
         let mut compat = Vec::new();
         for arg in pvm_compat().split_whitespace() {
-            if kernel.platform_leaves && arg.starts_with("clearcpuid=") {
+            // The leaves list these features (platform::PVM_HIDDEN_FEATURES, PVM_NOXSAVE).
+            if kernel.platform_leaves && (arg.starts_with("clearcpuid=") || arg == "noxsave") {
                 continue;
             }
             if kernel.init_env_setup_data && is_init_env(arg) {
@@ -74,9 +75,11 @@ pub fn base_args(mode: HostMode, kernel: KernelSupport) -> Result<KernelArgs, Cm
             }
             compat.push(arg);
         }
-        cmdline
-            .insert_str(compat.join(" "))
-            .map_err(CmdlineError::Invalid)?;
+        if !compat.is_empty() {
+            cmdline
+                .insert_str(compat.join(" "))
+                .map_err(CmdlineError::Invalid)?;
+        }
     }
     Ok(KernelArgs { cmdline, init_env })
 }
@@ -152,23 +155,20 @@ mod tests {
     }
 
     #[test]
-    fn a_kernel_that_reads_the_leaves_gets_no_clearcpuid() {
+    fn a_kernel_that_reads_the_leaves_gets_no_clearcpuid_nor_noxsave() {
         let pvm = text(&base_cmdline(HostMode::Pvm, LEAVES).unwrap());
-        assert!(!pvm.contains("clearcpuid"), "{pvm}");
         assert!(
-            pvm.contains("noxsave") && pvm.contains("GLIBC_TUNABLES="),
+            !pvm.contains("clearcpuid") && !pvm.contains("noxsave"),
             "{pvm}"
         );
+        assert!(pvm.contains("GLIBC_TUNABLES="), "{pvm}");
     }
 
     #[test]
     fn a_kernel_that_reads_init_env_gets_glibc_tunables_outside_the_line() {
         let args = base_args(HostMode::Pvm, LEAVES_AND_ENV).unwrap();
         let line = text(&args.cmdline);
-        assert!(
-            !line.contains("GLIBC_TUNABLES") && line.contains("noxsave"),
-            "{line}"
-        );
+        assert_eq!(line, base(), "everything PVM needs went elsewhere");
         assert_eq!(args.init_env.len(), 1);
         assert!(args.init_env[0].starts_with("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,"));
         assert!(args.init_env.join("\0").len() <= super::super::loader::INIT_ENV_MAX);

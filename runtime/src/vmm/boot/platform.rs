@@ -81,6 +81,11 @@ pub const PVM_HIDDEN_FEATURES: [(&str, u32, u32); 19] = [
     ("cx16", 4, 13),
 ];
 
+/// `noxsave` of cmdline.pvm as a feature bit (X86_FEATURE_XSAVE, word 4 bit 26): the
+/// kernel clears XSAVE and its dependents from the leaves as `noxsave` does, at the same
+/// point of boot (patch 0021 reads the leaves right after the `noxsave` check).
+pub const PVM_NOXSAVE: (u32, u32) = (4, 26);
+
 /// What the husk leaves tell a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestPlatform {
@@ -107,7 +112,10 @@ impl GuestPlatform {
         let tsc_clock = has(0x8000_0007, |e| e.edx & EXT7_EDX_INVARIANT_TSC != 0);
         let mut hidden = [0; CAP_WORDS];
         if mode == HostMode::Pvm {
-            for (_, word, bit) in PVM_HIDDEN_FEATURES {
+            let named = PVM_HIDDEN_FEATURES
+                .iter()
+                .map(|&(_, word, bit)| (word, bit));
+            for (word, bit) in named.chain([PVM_NOXSAVE]) {
                 hidden[word as usize] |= 1 << bit;
             }
         }
@@ -213,7 +221,8 @@ mod tests {
         assert_ne!(words[18] & (1 << 4), 0);
         assert_ne!(words[10] & (1 << 3), 0);
         let set: u32 = words.iter().map(|w| w.count_ones()).sum();
-        assert_eq!(set as usize, PVM_HIDDEN_FEATURES.len());
+        assert_eq!(set as usize, PVM_HIDDEN_FEATURES.len() + 1, "and XSAVE");
+        assert_ne!(words[4] & (1 << 26), 0, "XSAVE, for noxsave");
     }
 
     #[test]
