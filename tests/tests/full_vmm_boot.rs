@@ -132,7 +132,8 @@ fn assert_husk_platform(console: &str) {
     // KVM shows the vCPUs an invariant TSC when the host's is (`nonstop_tsc`).
     let tsc_clock = std::fs::read_to_string("/proc/cpuinfo")
         .is_ok_and(|c| c.split_whitespace().any(|flag| flag == "nonstop_tsc"));
-    let flags = 0x1 | if pvm { 0x2 } else { 0 } | if tsc_clock { 0x4 } else { 0 };
+    // No legacy PIC, features listed (PVM), TSC clock, RAM zeroed (patch 0026).
+    let flags = 0x1 | if pvm { 0x2 } else { 0 } | if tsc_clock { 0x4 } else { 0 } | 0x8;
     // The 19 `clearcpuid=` names and XSAVE (`noxsave`).
     let cleared = if pvm { 20 } else { 0 };
     let platform = format!("husk platform: flags {flags:#x}, {cleared} CPU features cleared");
