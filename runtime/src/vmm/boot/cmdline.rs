@@ -56,32 +56,27 @@ fn is_init_env(arg: &str) -> bool {
 
 /// The kernel arguments for a guest on a host of `mode`, before devices and extras. A
 /// kernel that reads the husk platform leaves ([`super::kernel_notes`]) learns the
-/// PVM-hidden features from them, so `clearcpuid=` and `noxsave` stay off its line; one that reads
-/// init's environment from husk's setup_data entry gets `GLIBC_TUNABLES=` there.
+/// PVM-hidden features from them, so `clearcpuid=` and `noxsave` stay off its line; one
+/// that reads init's environment from husk's setup_data entry gets `GLIBC_TUNABLES=`
+/// there.
 pub fn base_args(mode: HostMode, kernel: KernelSupport) -> Result<KernelArgs, CmdlineError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(CmdlineError::Invalid)?;
     cmdline.insert_str(base()).map_err(CmdlineError::Invalid)?;
-    let mut init_env = Vec::new();
+    let mut args = KernelArgs {
+        cmdline,
+        init_env: Vec::new(),
+    };
     if mode == HostMode::Pvm {
-        let mut compat = Vec::new();
-        for arg in pvm_compat().split_whitespace() {
-            // The leaves list these features (platform::PVM_HIDDEN_FEATURES, PVM_NOXSAVE).
-            if kernel.platform_leaves && (arg.starts_with("clearcpuid=") || arg == "noxsave") {
-                continue;
-            }
-            if kernel.init_env_setup_data && is_init_env(arg) {
-                init_env.push(arg.to_string());
-                continue;
-            }
-            compat.push(arg);
-        }
-        if !compat.is_empty() {
-            cmdline
-                .insert_str(compat.join(" "))
-                .map_err(CmdlineError::Invalid)?;
-        }
+        // The leaves list these features (platform::PVM_HIDDEN_FEATURES, PVM_NOXSAVE).
+        let compat: Vec<&str> = pvm_compat()
+            .split_whitespace()
+            .filter(|arg| {
+                !(kernel.platform_leaves && (arg.starts_with("clearcpuid=") || *arg == "noxsave"))
+            })
+            .collect();
+        append_extra(&mut args, &compat.join(" "), kernel)?;
     }
-    Ok(KernelArgs { cmdline, init_env })
+    Ok(args)
 }
 
 /// Appends the caller's arguments (`--cmdline-extra`); for a kernel that reads init's
